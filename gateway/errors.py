@@ -1,0 +1,109 @@
+"""The gateway's one error hierarchy, split by who is at fault, each with its HTTP status.
+
+Client errors (4xx) and upstream errors (502/504) become RFC 9457 problem+json in `problem.py` only.
+"""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway raises on purpose; `status` is the HTTP status it maps to."""
+
+    status: int = 500
+    title: str = "Internal gateway error"
+    type_suffix: str = "internal"
+
+    def __init__(self, detail: str, *, where: str | None = None) -> None:
+        super().__init__(detail if where is None else f"{where}: {detail}")
+        self.detail = detail
+        self.where = where
+
+
+class ClientError(GatewayError):
+    """The client sent something the gateway will not execute; nothing was called upstream."""
+
+    status = 400
+    title = "Bad request"
+    type_suffix = "bad-request"
+
+
+class MalformedBatch(ClientError):
+    title = "Malformed batch"
+    type_suffix = "malformed-batch"
+
+
+class ForbiddenTarget(ClientError):
+    """A sub-request target that is absolute, escapes its route or matches no route."""
+
+    title = "Target not allowed"
+    type_suffix = "bad-target"
+
+
+class PayloadTooLarge(ClientError):
+    status = 413
+    title = "Payload too large"
+    type_suffix = "too-large"
+
+
+class HeadersTooLarge(ClientError):
+    status = 431
+    title = "Request header fields too large"
+    type_suffix = "headers-too-large"
+
+
+class UnsupportedMediaType(ClientError):
+    status = 415
+    title = "Unsupported media type"
+    type_suffix = "unsupported-media-type"
+
+
+class Uncompensable(ClientError):
+    """An atomic batch holds a call that has neither an upstream transaction nor an undo."""
+
+    status = 422
+    title = "Batch cannot be made atomic"
+    type_suffix = "uncompensable"
+
+
+class RouteNotFound(ClientError):
+    status = 404
+    title = "No route"
+    type_suffix = "no-route"
+
+
+class UpstreamError(GatewayError):
+    """The upstream could not be reached or did not answer in time."""
+
+    status = 502
+    title = "Bad gateway"
+    type_suffix = "upstream-unavailable"
+
+    def __init__(self, detail: str, *, where: str | None = None, maybe_executed: bool = False):
+        super().__init__(detail, where=where)
+        self.maybe_executed = maybe_executed
+
+
+class UpstreamUnavailable(UpstreamError):
+    pass
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    title = "Gateway timeout"
+    type_suffix = "upstream-timeout"
+
+
+class ShuttingDown(GatewayError):
+    status = 503
+    title = "Shutting down"
+    type_suffix = "shutting-down"
+
+
+class ConfigError(Exception):
+    """An invalid config file: names the file, the key path and what is wrong."""
+
+    def __init__(self, file: str, key_path: str, problem: str) -> None:
+        super().__init__(f"{file}: {key_path}: {problem}")
+        self.file = file
+        self.key_path = key_path
+        self.problem = problem
