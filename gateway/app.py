@@ -1,0 +1,160 @@
+"""aiohttp wiring: middleware (request id, problem+json, access log, metrics) and the route table.
+
+`create_app(config)` is the one entry point; the CLI and the tests both use it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from importlib import resources
+
+import structlog
+from aiohttp import web
+
+from gateway.batch_endpoints import add_batch_routes
+from gateway.batch_service import BatchService
+from gateway.config import GatewayConfig
+from gateway.errors import ClientError, GatewayError
+from gateway.headers import new_request_id
+from gateway.metrics import GatewayMetrics
+from gateway.problem import PROBLEM_JSON, problem_body
+from gateway.proxy import proxy_handler
+from gateway.routing import RouteTable
+from gateway.runtime import GATEWAY, REQUEST_ID, Gateway
+from gateway.upstream import UpstreamPool
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+log = structlog.get_logger("gateway.access")
+
+
+def problem_response(error: GatewayError, request: web.Request) -> web.Response:
+    body = problem_body(error, request_id=request[REQUEST_ID], instance=request.path)
+    response = web.Response(status=error.status, body=body, content_type=PROBLEM_JSON)
+    response.headers["X-Request-ID"] = request[REQUEST_ID]
+    return response
+
+
+def _http_exception_error(exc: web.HTTPException) -> GatewayError:
+    error = ClientError(exc.text or exc.reason)
+    error.status, error.title = exc.status, exc.reason
+    return error
+
+
+@web.middleware
+async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Request id, one access-log line, metrics, and every error as problem+json."""
+    incoming = request.headers.get("X-Request-ID", "")
+    request[REQUEST_ID] = incoming if _REQUEST_ID_RE.match(incoming) else new_request_id()
+    structlog.contextvars.bind_contextvars(request_id=request[REQUEST_ID])
+    started = time.perf_counter()
+    try:
+        response = await _handle(request, handler)
+    finally:
+        structlog.contextvars.unbind_contextvars("request_id")
+    _log_access(request, response.status, started)
+    return response
+
+
+async def _handle(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except GatewayError as exc:
+        log.warning("request_rejected", error=type(exc).__name__, detail=str(exc))
+        return problem_response(exc, request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return problem_response(_http_exception_error(exc), request)
+    except Exception:
+        log.exception("request_failed")
+        return problem_response(GatewayError("the gateway failed to handle the request"), request)
+
+
+def _log_access(request: web.Request, status: int, started: float) -> None:
+    gateway = request.app[GATEWAY]
+    kind = request.get("kind", "proxy")
+    gateway.metrics.requests.labels(kind, str(status)).inc()
+    log.info(
+        "request",
+        request_id=request[REQUEST_ID],
+        method=request.method,
+        path=request.path,
+        kind=kind,
+        upstream=request.get("upstream"),
+        batch_id=request.get("batch_id"),
+        status=status,
+        duration_ms=round((time.perf_counter() - started) * 1000, 3),
+    )
+
+
+async def healthz(request: web.Request) -> web.Response:
+    request["kind"] = "gateway"
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    request["kind"] = "gateway"
+    gateway = request.app[GATEWAY]
+    ready = gateway.pool.ready and gateway.extras.get("recovered", True)
+    return web.json_response({"ready": ready}, status=200 if ready else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    request["kind"] = "gateway"
+    gateway = request.app[GATEWAY]
+    response = web.Response(body=gateway.metrics.render())
+    response.headers["Content-Type"] = gateway.metrics.content_type
+    return response
+
+
+async def openapi(request: web.Request) -> web.Response:
+    request["kind"] = "gateway"
+    gateway = request.app[GATEWAY]
+    text = resources.files("gateway.schemas").joinpath("gateway_openapi.json").read_text()
+    doc = json.loads(text)
+    cfg = gateway.config
+    paths = doc["paths"]
+    paths[cfg.batch.json_endpoint.path] = paths.pop("/batch/v1")
+    paths[cfg.batch.multipart_endpoint.path] = paths.pop("/v1/api/batch")
+    for name in ("healthz", "readyz", "metrics", "openapi.json"):
+        paths[f"{cfg.gateway.prefix}/{name}"] = paths.pop(f"/_gateway/{name}")
+    return web.json_response(doc)
+
+
+def build_gateway(config: GatewayConfig) -> Gateway:
+    metrics_ = GatewayMetrics()
+    pool = UpstreamPool(
+        config,
+        max_response_bytes=config.batch.limits.max_response_bytes,
+        observe=metrics_.observe_upstream,
+    )
+    routes = RouteTable(config)
+    batches = BatchService(config, routes, pool, metrics_)
+    return Gateway(config=config, routes=routes, pool=pool, metrics=metrics_, batches=batches)
+
+
+def create_app(config: GatewayConfig) -> web.Application:
+    """The whole gateway as an aiohttp application (upstream sessions open on start-up)."""
+    gateway = build_gateway(config)
+    app = web.Application(middlewares=[request_context])
+    app[GATEWAY] = gateway
+    prefix = config.gateway.prefix
+    app.router.add_get(f"{prefix}/healthz", healthz)
+    app.router.add_get(f"{prefix}/readyz", readyz)
+    app.router.add_get(f"{prefix}/metrics", metrics)
+    app.router.add_get(f"{prefix}/openapi.json", openapi)
+    add_batch_routes(app, config)
+    app.router.add_route("*", "/{tail:.*}", proxy_handler)
+    app.cleanup_ctx.append(_pool_lifecycle)
+    return app
+
+
+async def _pool_lifecycle(app: web.Application) -> AsyncIterator[None]:
+    gateway = app[GATEWAY]
+    await gateway.pool.start()
+    yield
+    await gateway.pool.close()

@@ -1,0 +1,135 @@
+"""The two batch endpoints: read the body within limits, decode, run, encode in the client's format.
+
+Control headers (`X-Batch-Atomic`, `X-Batch-Execution`) are read here and never forwarded upstream.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+from gateway.batch_service import new_batch_id
+from gateway.config import BatchEndpoint, GatewayConfig
+from gateway.errors import ClientError, PayloadTooLarge, UnsupportedMediaType
+from gateway.formats.json_batch import JsonBatchCodec
+from gateway.formats.multipart_batch import MultipartBatchCodec
+from gateway.model import BatchReport, ExecutionMode, Item
+from gateway.planning import OuterRequest
+from gateway.runtime import GATEWAY, REQUEST_ID
+
+ATOMIC_HEADER = "X-Batch-Atomic"
+EXECUTION_HEADER = "X-Batch-Execution"
+CONTROL_HEADERS = (ATOMIC_HEADER, EXECUTION_HEADER)
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The whole request body, refusing more than `limit` bytes before reading them all."""
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(
+            f"batch body is {request.content_length} bytes; the maximum is {limit} bytes"
+        )
+    body = bytearray()
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        body.extend(chunk)
+        if len(body) > limit:
+            raise PayloadTooLarge(f"batch body exceeds the maximum of {limit} bytes")
+    return bytes(body)
+
+
+def outer_request(request: web.Request) -> OuterRequest:
+    headers = CIMultiDict(request.headers)
+    for name in CONTROL_HEADERS:
+        headers.popall(name, None)
+    return OuterRequest(
+        headers=headers,
+        raw_query=request.rel_url.raw_query_string,
+        client_ip=request.remote,
+        proto=request.scheme,
+        host=request.host,
+        request_id=request[REQUEST_ID],
+    )
+
+
+def wants_atomic(request: web.Request, endpoint: BatchEndpoint) -> bool:
+    value = request.headers.get(ATOMIC_HEADER)
+    if value is None:
+        return endpoint.atomic
+    if value.strip().lower() in ("true", "1", "yes"):
+        return True
+    if value.strip().lower() in ("false", "0", "no"):
+        return False
+    raise ClientError(f"{ATOMIC_HEADER} must be true or false, got {value[:50]!r}", where=ATOMIC_HEADER)
+
+
+def execution_mode(request: web.Request, endpoint: BatchEndpoint) -> ExecutionMode:
+    value = request.headers.get(EXECUTION_HEADER, endpoint.execution)
+    try:
+        return ExecutionMode(value.strip())
+    except ValueError:
+        raise ClientError(
+            f"{EXECUTION_HEADER} must be Serial or Unordered, got {value[:50]!r}",
+            where=EXECUTION_HEADER,
+        ) from None
+
+
+async def run_batch(request: web.Request, item: Item, endpoint: BatchEndpoint) -> BatchReport:
+    service = request.app[GATEWAY].batches
+    batch_id = new_batch_id()
+    request["batch_id"] = batch_id
+    atomic = wants_atomic(request, endpoint)
+    outer = outer_request(request)
+    if atomic:
+        return await service.run_atomic(item, outer, batch_id=batch_id)
+    return await service.run(item, outer, batch_id=batch_id)
+
+
+def report_headers(report: BatchReport) -> dict[str, str]:
+    headers = {"X-Batch-Id": report.batch_id}
+    if report.atomic_outcome is not None:
+        headers["X-Batch-Outcome"] = report.atomic_outcome.value
+    return headers
+
+
+async def json_batch(request: web.Request) -> web.Response:
+    request["kind"] = "batch_json"
+    config = request.app[GATEWAY].config
+    ctype = request.headers.get("Content-Type", "application/json").split(";")[0].strip().lower()
+    if ctype != "application/json" and not ctype.endswith("+json"):
+        raise UnsupportedMediaType(
+            f"the JSON batch endpoint takes application/json, got {ctype!r}", where="Content-Type"
+        )
+    codec = JsonBatchCodec(config.batch.limits.batch_limits())
+    item = codec.decode(await read_body(request, config.batch.limits.max_body_bytes))
+    report = await run_batch(request, item, config.batch.json_endpoint)
+    return web.Response(
+        body=codec.encode(report), content_type="application/json", headers=report_headers(report)
+    )
+
+
+async def multipart_batch(request: web.Request) -> web.Response:
+    request["kind"] = "batch_multipart"
+    config = request.app[GATEWAY].config
+    endpoint = config.batch.multipart_endpoint
+    codec = MultipartBatchCodec(config.batch.limits.batch_limits())
+    body = await read_body(request, config.batch.limits.max_body_bytes)
+    batch = codec.decode(
+        body, request.headers.get("Content-Type", ""), execution_mode(request, endpoint)
+    )
+    report = await run_batch(request, batch, endpoint)
+    content_ids = [getattr(part, "content_id", None) for part in batch.items]
+    payload, content_type = codec.encode(report, content_ids=content_ids)
+    response = web.Response(body=payload, headers=report_headers(report))
+    response.headers["Content-Type"] = content_type
+    return response
+
+
+def add_batch_routes(app: web.Application, config: GatewayConfig) -> None:
+    app.router.add_post(config.batch.json_endpoint.path, json_batch)
+    app.router.add_post(config.batch.multipart_endpoint.path, multipart_batch)
+    for path in (config.batch.json_endpoint.path, config.batch.multipart_endpoint.path):
+        app.router.add_route("*", path, _method_not_allowed)
+
+
+async def _method_not_allowed(request: web.Request) -> web.Response:
+    request["kind"] = "batch"
+    raise web.HTTPMethodNotAllowed(request.method, ["POST"])

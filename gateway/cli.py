@@ -1,0 +1,117 @@
+"""The `gateway` command: serve, check-config, recover and demo.
+
+Config errors print one message (file, key path, problem) and exit 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import structlog
+from aiohttp import web
+
+from gateway.app import create_app
+from gateway.config import GatewayConfig, load_config
+from gateway.errors import ConfigError
+from gateway.log import configure_logging
+
+EXIT_CONFIG = 2
+log = structlog.get_logger("gateway")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description="Batch reverse-proxy gateway")
+    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-json", action="store_true", help="JSON log lines even on a TTY")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", required=True)
+    check = commands.add_parser("check-config", help="validate a config file and exit")
+    check.add_argument("file")
+    recover = commands.add_parser("recover", help="roll back unfinished atomic batches and exit")
+    recover.add_argument("--config", required=True)
+    demo = commands.add_parser("demo", help="run the gateway with two built-in demo upstreams")
+    demo.add_argument("--port", type=int, default=8080)
+    demo.add_argument("--legacy-port", type=int, default=0)
+    demo.add_argument("--ledger-port", type=int, default=0)
+    demo.add_argument("--journal", default=None, help="journal file (default: a temporary one)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    configure_logging(level=args.log_level, json_output=True if args.log_json else None)
+    try:
+        if args.command == "check-config":
+            load_config(args.file)
+            print(f"{args.file}: OK")
+            return 0
+        if args.command == "demo":
+            asyncio.run(_demo(args))
+            return 0
+        config = load_config(args.config)
+        if args.command == "recover":
+            return asyncio.run(_recover(config))
+        asyncio.run(serve(config))
+        return 0
+    except ConfigError as exc:
+        print(f"gateway: invalid config: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except OSError as exc:
+        print(f"gateway: cannot start: {exc}", file=sys.stderr)
+        return 1
+
+
+async def _wait_for_stop() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def serve(config: GatewayConfig) -> None:
+    """Serve until SIGTERM/SIGINT, then stop accepting and let in-flight requests finish."""
+    runner = web.AppRunner(create_app(config), access_log=None, shutdown_timeout=config.shutdown_grace)
+    await runner.setup()
+    site = web.TCPSite(runner, config.listen.host, config.listen.port)
+    await site.start()
+    log.info("listening", host=config.listen.host, port=config.listen.port)
+    try:
+        await _wait_for_stop()
+        log.info("stopping", grace_seconds=config.shutdown_grace)
+    finally:
+        await runner.cleanup()
+    log.info("stopped")
+
+
+async def _recover(config: GatewayConfig) -> int:
+    from gateway.atomicity.recovery import recover_once
+
+    report = await recover_once(config)
+    print(report)
+    return 0
+
+
+async def _demo(args: argparse.Namespace) -> None:
+    from gateway.demo.launcher import demo_config, start_demo_upstreams
+
+    runners, legacy_url, ledger_url = await start_demo_upstreams(args.legacy_port, args.ledger_port)
+    journal = args.journal or str(Path(tempfile.mkdtemp(prefix="gateway-demo-")) / "journal.sqlite3")
+    config = demo_config(legacy_url, ledger_url, port=args.port, journal=journal)
+    log.info("demo_upstreams", legacy=legacy_url, ledger=ledger_url, journal=journal)
+    try:
+        await serve(config)
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,316 @@
+"""The gateway's YAML config: its schema, cross-field checks and loading with exact error messages.
+
+An invalid file raises ConfigError naming the file, the key path and the problem; nothing else escapes.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from yarl import URL
+
+from gateway.errors import ConfigError
+from gateway.model import BatchLimits
+
+_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
+_PATH_RE = re.compile(r"^/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_path(value: str) -> str:
+    if not _PATH_RE.match(value) or "//" in value or "/../" in f"{value}/":
+        raise ValueError(f"must be an absolute path such as /api, got {value!r}")
+    return value.rstrip("/") or "/"
+
+
+Path_ = Annotated[str, Field(min_length=1)]
+
+
+class Listen(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+
+
+class Timeouts(_Strict):
+    connect: float = Field(5.0, gt=0)
+    total: float = Field(30.0, gt=0)
+
+
+class CallTemplate(_Strict):
+    """An HTTP call the gateway makes on its own: method and a path template like /tx/{token}."""
+
+    method: str = "POST"
+    path: str
+    body: Any = None
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, value: str) -> str:
+        if value.upper() not in _METHODS:
+            raise ValueError(f"unknown HTTP method {value!r}")
+        return value.upper()
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if not value.startswith("/") or value.startswith("//"):
+            raise ValueError(f"must be an origin-form path template starting with /, got {value!r}")
+        return value
+
+
+class TokenSource(_Strict):
+    """Where the transaction token is in the begin response: a JSON field or a header."""
+
+    json_field: str | None = None
+    header: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> TokenSource:
+        if (self.json_field is None) == (self.header is None):
+            raise ValueError("give exactly one of json_field or header")
+        return self
+
+
+class Transactions(_Strict):
+    begin: CallTemplate
+    token: TokenSource
+    header: str = "X-Transaction-Token"
+    commit: CallTemplate
+    rollback: CallTemplate
+    timeout: float = Field(10.0, gt=0)
+
+
+class CompensationRule(_Strict):
+    """Undo for calls matching method + path template; templates see {path.x}, {response...}."""
+
+    method: str
+    path: str
+    undo: CallTemplate
+    snapshot: CallTemplate | None = None
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, value: str) -> str:
+        return CallTemplate._method(value)
+
+
+class Upstream(_Strict):
+    url: str
+    timeouts: Timeouts = Timeouts()
+    pool_size: int = Field(100, ge=1, le=10_000)
+    concurrency: int = Field(10, ge=1, le=10_000)
+    transactions: Transactions | None = None
+    compensations: tuple[CompensationRule, ...] = ()
+    infer_compensations: bool = True
+    recreate_deleted_with: Literal["PUT", "POST"] = "PUT"
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        url = URL(value)
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError(f"must be an absolute http(s) URL such as http://127.0.0.1:9000, got {value!r}")
+        if url.query_string or url.fragment or url.user:
+            raise ValueError(f"must not carry a query, fragment or credentials, got {value!r}")
+        return value.rstrip("/")
+
+
+class Route(_Strict):
+    prefix: str
+    upstream: str
+    methods: tuple[str, ...] | None = None
+    strip_prefix: bool = False
+    add_prefix: str = ""
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        return _check_path(value)
+
+    @field_validator("add_prefix")
+    @classmethod
+    def _add_prefix(cls, value: str) -> str:
+        return "" if value in ("", "/") else _check_path(value)
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is not None:
+            for method in value:
+                CallTemplate._method(method)
+            return tuple(m.upper() for m in value)
+        return value
+
+
+class Limits(_Strict):
+    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1)
+    max_items: int = Field(1000, ge=1)
+    max_depth: int = Field(8, ge=1)
+    max_part_headers: int = Field(100, ge=1)
+    max_part_header_bytes: int = Field(60 * 1024, ge=64)
+    max_response_bytes: int = Field(10 * 1024 * 1024, ge=1)
+    call_timeout: float = Field(30.0, gt=0)
+    batch_timeout: float = Field(120.0, gt=0)
+
+    def batch_limits(self) -> BatchLimits:
+        return BatchLimits(
+            max_body_bytes=self.max_body_bytes,
+            max_items=self.max_items,
+            max_depth=self.max_depth,
+            max_part_headers=self.max_part_headers,
+            max_part_header_bytes=self.max_part_header_bytes,
+        )
+
+
+class BatchEndpoint(_Strict):
+    path: str
+    atomic: bool = False
+    execution: Literal["Serial", "Unordered"] = "Serial"
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        return _check_path(value)
+
+
+class Rollback(_Strict):
+    attempts: int = Field(5, ge=1, le=100)
+    initial_backoff: float = Field(0.05, ge=0)
+    max_backoff: float = Field(2.0, ge=0)
+    deadline: float = Field(30.0, gt=0)
+
+
+class BatchConfig(_Strict):
+    json_endpoint: BatchEndpoint = Field(
+        BatchEndpoint(path="/batch/v1", atomic=False), alias="json"
+    )
+    multipart_endpoint: BatchEndpoint = Field(
+        BatchEndpoint(path="/v1/api/batch", atomic=True), alias="multipart"
+    )
+    limits: Limits = Limits()
+    rollback: Rollback = Rollback()
+
+
+class Journal(_Strict):
+    path: str = "gateway-journal.sqlite3"
+    retention_hours: float = Field(168.0, gt=0)
+
+
+class GatewayEndpoints(_Strict):
+    prefix: str = "/_gateway"
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if _check_path(value) == "/":
+            raise ValueError("must not be / (it would shadow every route)")
+        return _check_path(value)
+
+
+class GatewayConfig(_Strict):
+    listen: Listen = Listen()
+    upstreams: dict[str, Upstream]
+    routes: tuple[Route, ...]
+    batch: BatchConfig = BatchConfig()
+    journal: Journal = Journal()
+    gateway: GatewayEndpoints = GatewayEndpoints()
+    shutdown_grace: float = Field(30.0, ge=0)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> GatewayConfig:
+        _check_routes(self)
+        return self
+
+
+def _reserved_paths(config: GatewayConfig) -> dict[str, str]:
+    return {
+        config.gateway.prefix: "gateway.prefix",
+        config.batch.json_endpoint.path: "batch.json.path",
+        config.batch.multipart_endpoint.path: "batch.multipart.path",
+    }
+
+
+def _under(path: str, prefix: str) -> bool:
+    return prefix == "/" or path == prefix or path.startswith(prefix + "/")
+
+
+def _check_routes(config: GatewayConfig) -> None:
+    if not config.upstreams:
+        raise _KeyedError("upstreams", "at least one upstream is required")
+    seen: dict[tuple[str, str], int] = {}
+    for index, route in enumerate(config.routes):
+        if route.upstream not in config.upstreams:
+            known = ", ".join(sorted(config.upstreams))
+            raise _KeyedError(
+                f"routes.{index}.upstream", f"unknown upstream {route.upstream!r} (known: {known})"
+            )
+        for reserved, key in _reserved_paths(config).items():
+            if _under(route.prefix, reserved):
+                raise _KeyedError(
+                    f"routes.{index}.prefix",
+                    f"route {route.prefix!r} would be shadowed by the gateway's own endpoint "
+                    f"{reserved!r} ({key}); move one of them",
+                )
+        for method in route.methods or ("*",):
+            other = seen.get((route.prefix, method)) or seen.get((route.prefix, "*"))
+            if other is None and method == "*":
+                other = next((i for (p, _), i in seen.items() if p == route.prefix), None)
+            if other is not None:
+                raise _KeyedError(
+                    f"routes.{index}.prefix",
+                    f"overlaps routes.{other} (same prefix {route.prefix!r} and method); "
+                    "one of them could never be reached",
+                )
+            seen[(route.prefix, method)] = index
+
+
+class _KeyedError(ValueError):
+    def __init__(self, key_path: str, problem: str) -> None:
+        super().__init__(problem)
+        self.key_path = key_path
+        self.problem = problem
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    """Read and validate a config file; raises ConfigError, never a library exception."""
+    name = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(name, "(file)", f"cannot read: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(name, "(file)", f"not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(name, "(root)", "must be a mapping with upstreams and routes")
+    return parse_config(data, name)
+
+
+def parse_config(data: dict[str, Any], name: str = "<config>") -> GatewayConfig:
+    """Validate an already-parsed mapping (used by load_config and the demo)."""
+    try:
+        return GatewayConfig.model_validate(data)
+    except ValidationError as exc:
+        raise _to_config_error(exc, name) from None
+
+
+def _to_config_error(exc: ValidationError, name: str) -> ConfigError:
+    error = exc.errors()[0]
+    cause = (error.get("ctx") or {}).get("error")
+    if isinstance(cause, _KeyedError):
+        return ConfigError(name, cause.key_path, cause.problem)
+    key_path = ".".join(str(part) for part in error["loc"]) or "(root)"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif error["type"] == "missing":
+        message = "required key is missing"
+    return ConfigError(name, key_path, message)

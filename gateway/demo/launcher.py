@@ -1,0 +1,69 @@
+"""`gateway demo`: the two demo upstreams on loopback ports and a gateway routed to them.
+
+The demo config is built here (not read from a file) so the ports can be chosen at start-up.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from gateway.config import GatewayConfig, parse_config
+from gateway.demo.services import TOKEN_HEADER, ledger_app, legacy_app
+
+
+def demo_config_data(
+    legacy_url: str, ledger_url: str, *, port: int = 8080, journal: str = "demo-journal.sqlite3"
+) -> dict[str, Any]:
+    """The demo routing: /orders -> legacy (compensation), /accounts and /tx -> ledger (tokens)."""
+    return {
+        "listen": {"host": "127.0.0.1", "port": port},
+        "upstreams": {
+            "legacy": {"url": legacy_url, "infer_compensations": True},
+            "ledger": {
+                "url": ledger_url,
+                "transactions": {
+                    "begin": {"method": "POST", "path": "/tx"},
+                    "token": {"json_field": "token"},
+                    "header": TOKEN_HEADER,
+                    "commit": {"method": "POST", "path": "/tx/{token}/commit"},
+                    "rollback": {"method": "POST", "path": "/tx/{token}/rollback"},
+                },
+            },
+        },
+        "routes": [
+            {"prefix": "/orders", "upstream": "legacy"},
+            {"prefix": "/echo", "upstream": "legacy"},
+            {"prefix": "/legacy", "upstream": "legacy", "strip_prefix": True},
+            {"prefix": "/accounts", "upstream": "ledger"},
+            {"prefix": "/ledger", "upstream": "ledger", "strip_prefix": True},
+        ],
+        "batch": {"json": {"path": "/batch/v1", "atomic": False}},
+        "journal": {"path": journal},
+    }
+
+
+async def start_site(app: web.Application, host: str = "127.0.0.1", port: int = 0) -> tuple[web.AppRunner, str]:
+    """Start an app on loopback; returns its runner and base URL (port 0 picks a free port)."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    server = site._server
+    sockets = getattr(server, "sockets", None) or []
+    bound = sockets[0].getsockname()[1] if sockets else port
+    return runner, f"http://{host}:{bound}"
+
+
+async def start_demo_upstreams(
+    legacy_port: int = 0, ledger_port: int = 0
+) -> tuple[list[web.AppRunner], str, str]:
+    legacy_runner, legacy_url = await start_site(legacy_app(), port=legacy_port)
+    ledger_runner, ledger_url = await start_site(ledger_app(), port=ledger_port)
+    return [legacy_runner, ledger_runner], legacy_url, ledger_url
+
+
+def demo_config(legacy_url: str, ledger_url: str, *, port: int, journal: str) -> GatewayConfig:
+    data = demo_config_data(legacy_url, ledger_url, port=port, journal=journal)
+    return parse_config(data, "<demo>")

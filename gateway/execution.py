@@ -1,0 +1,110 @@
+"""Execution of a plan: Serial (in order, stop at the first failure) and Unordered (concurrent).
+
+The runners only walk the plan tree; what one call does is the `CallRunner` they are given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+
+from gateway.errors import UpstreamError
+from gateway.model import (
+    BatchResult,
+    CallFailure,
+    ExecutionMode,
+    ItemResult,
+    ResultNode,
+    Skipped,
+    SubResponse,
+)
+from gateway.planning import PlanNode, PlannedBatch, PlannedCall
+from gateway.upstream import UpstreamCall, UpstreamPool
+
+CallRunner = Callable[[PlannedCall], Awaitable[ItemResult]]
+"""Runs one planned call and never raises (but for cancellation): failures are results."""
+
+
+class Deadline:
+    """The whole-batch deadline; per-call timeouts shrink to what is left of it."""
+
+    def __init__(self, seconds: float, call_timeout: float) -> None:
+        self._ends = time.monotonic() + seconds
+        self._call_timeout = call_timeout
+
+    def call_timeout(self) -> float:
+        return max(0.0, min(self._call_timeout, self._ends - time.monotonic()))
+
+    @property
+    def expired(self) -> bool:
+        return time.monotonic() >= self._ends
+
+
+def failure_summary(node: PlanNode, result: ResultNode) -> str:
+    """'<where> failed with status 500' for the item that stops a Serial batch."""
+    if isinstance(result, BatchResult):
+        return f"{node.where} had a failed item"
+    outcome = result.outcome
+    if isinstance(outcome, SubResponse | CallFailure):
+        return f"{node.where} failed with status {outcome.status}"
+    return f"{node.where} failed"
+
+
+def skipped_tree(node: PlanNode, reason: str) -> ResultNode:
+    if isinstance(node, PlannedBatch):
+        return BatchResult(node.mode, tuple(skipped_tree(child, reason) for child in node.items))
+    return ItemResult(Skipped(reason))
+
+
+async def execute(node: PlanNode, run_call: CallRunner) -> ResultNode:
+    """Run a plan node (a call or a nested batch as one unit) and return its result tree."""
+    if isinstance(node, PlannedCall):
+        return await run_call(node)
+    if node.mode is ExecutionMode.SERIAL:
+        return await _serial(node, run_call)
+    return await _unordered(node, run_call)
+
+
+async def _serial(batch: PlannedBatch, run_call: CallRunner) -> BatchResult:
+    results: list[ResultNode] = []
+    stop_reason: str | None = None
+    for child in batch.items:
+        if stop_reason is not None:
+            results.append(skipped_tree(child, stop_reason))
+            continue
+        result = await execute(child, run_call)
+        results.append(result)
+        if result.failed:
+            stop_reason = f"not executed: {failure_summary(child, result)}"
+    return BatchResult(batch.mode, tuple(results))
+
+
+async def _unordered(batch: PlannedBatch, run_call: CallRunner) -> BatchResult:
+    results = await asyncio.gather(*(execute(child, run_call) for child in batch.items))
+    return BatchResult(batch.mode, tuple(results))
+
+
+def plain_runner(pool: UpstreamPool, deadline: Deadline) -> CallRunner:
+    """A runner that sends each call as planned, bounded per upstream, within the deadline."""
+
+    async def run(planned: PlannedCall) -> ItemResult:
+        async with pool.bound(planned.upstream):
+            outcome = await send_within(pool, planned.call, deadline)
+        return ItemResult(outcome)
+
+    return run
+
+
+async def send_within(
+    pool: UpstreamPool, call: UpstreamCall, deadline: Deadline
+) -> SubResponse | CallFailure:
+    """Send a call with the time left; a missed deadline or upstream error becomes a CallFailure."""
+    timeout = deadline.call_timeout()
+    if timeout <= 0:
+        return CallFailure(504, "the batch deadline passed before this call could start")
+    try:
+        return await pool.send(replace(call, timeout=timeout))
+    except UpstreamError as exc:
+        return CallFailure(exc.status, exc.detail, maybe_executed=exc.maybe_executed)

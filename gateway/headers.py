@@ -1,0 +1,83 @@
+"""Header rules: hop-by-hop removal (RFC 9110 section 7.6.1), batch inheritance and forwarding headers.
+
+Pure functions over multidicts; used by the proxy, the planner and the multipart codec's twin rules.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterable
+
+from multidict import CIMultiDict, istr
+
+HOP_BY_HOP = frozenset(
+    istr(name)
+    for name in (
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Authenticate",
+        "Proxy-Authorization",
+        "Proxy-Connection",
+        "TE",
+        "Trailer",
+        "Transfer-Encoding",
+        "Upgrade",
+    )
+)
+
+
+def connection_listed(headers: CIMultiDict[str]) -> set[str]:
+    """Header names that the Connection header marks hop-by-hop."""
+    values = headers.getall("Connection", [])
+    return {token.strip().lower() for value in values for token in value.split(",") if token.strip()}
+
+
+def is_hop_by_hop(name: str, listed: set[str]) -> bool:
+    lower = name.lower()
+    return istr(name) in HOP_BY_HOP or lower.startswith("proxy-") or lower in listed
+
+
+def end_to_end(headers: CIMultiDict[str], *, drop: Iterable[str] = ()) -> CIMultiDict[str]:
+    """A copy without hop-by-hop headers (incl. Connection-listed ones) and without `drop`."""
+    listed = connection_listed(headers) | {name.lower() for name in drop}
+    return CIMultiDict((k, v) for k, v in headers.items() if not is_hop_by_hop(k, listed))
+
+
+def inheritable(outer: CIMultiDict[str]) -> CIMultiDict[str]:
+    """The outer batch headers every sub-request inherits: no Content-*, hop-by-hop, Host, Expect."""
+    listed = connection_listed(outer)
+    return CIMultiDict(
+        (k, v)
+        for k, v in outer.items()
+        if not is_hop_by_hop(k, listed)
+        and not k.lower().startswith("content-")
+        and k.lower() not in ("host", "expect")
+    )
+
+
+def inherit(base: CIMultiDict[str], own: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
+    """Outer headers overlaid with a sub-request's own: a name it sets replaces all outer values."""
+    own = [(k, v) for k, v in own if not is_hop_by_hop(k, set()) and k.lower() != "host"]
+    merged = base.copy()
+    for name in {k.lower() for k, _ in own}:
+        merged.popall(name, None)
+    for name, value in own:
+        merged.add(name, value)
+    return merged
+
+
+def new_request_id() -> str:
+    return secrets.token_hex(16)
+
+
+def add_forwarding(
+    headers: CIMultiDict[str], *, client_ip: str | None, proto: str, host: str | None, request_id: str
+) -> None:
+    """Append the client to X-Forwarded-For and set -Proto, -Host and X-Request-ID."""
+    prior = ", ".join(headers.getall("X-Forwarded-For", []))
+    if client_ip:
+        headers["X-Forwarded-For"] = f"{prior}, {client_ip}" if prior else client_ip
+    headers["X-Forwarded-Proto"] = proto
+    if host:
+        headers["X-Forwarded-Host"] = host
+    headers["X-Request-ID"] = request_id

@@ -1,0 +1,123 @@
+"""Planning: every sub-request routed, validated and given its final headers, query and body.
+
+All of it happens before the first upstream call, so a bad batch is rejected with nothing executed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import unquote_plus
+
+from multidict import CIMultiDict
+
+from gateway.headers import add_forwarding, inherit, inheritable
+from gateway.model import Batch, ExecutionMode, Item, SubRequest
+from gateway.routing import RouteTable, Target, parse_target
+from gateway.upstream import UpstreamCall
+
+
+@dataclass(frozen=True, slots=True)
+class OuterRequest:
+    """What a batch's sub-requests inherit from the HTTP request that carried the batch."""
+
+    headers: CIMultiDict[str]
+    raw_query: str
+    client_ip: str | None
+    proto: str
+    host: str | None
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedCall:
+    """One sub-request ready to send: its position (depth-first, from 0) and the resolved call."""
+
+    position: int
+    request: SubRequest
+    call: UpstreamCall
+    upstream_path: str
+    """Path on the upstream relative to its base URL: what compensation rules match."""
+
+    @property
+    def where(self) -> str:
+        return self.request.where
+
+    @property
+    def upstream(self) -> str:
+        return self.call.upstream
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedBatch:
+    mode: ExecutionMode
+    items: tuple[PlannedCall | PlannedBatch, ...]
+    where: str
+
+
+PlanNode = PlannedCall | PlannedBatch
+
+
+@dataclass(frozen=True, slots=True)
+class BatchPlan:
+    root: PlanNode
+    calls: tuple[PlannedCall, ...]
+
+
+def merge_query(outer: str, own: str) -> str:
+    """Outer query parameters first, then the sub-request's; a name the sub-request sets wins."""
+    own_parts = [part for part in own.split("&") if part]
+    own_names = {unquote_plus(part.split("=", 1)[0]) for part in own_parts}
+    kept = [
+        part
+        for part in outer.split("&")
+        if part and unquote_plus(part.split("=", 1)[0]) not in own_names
+    ]
+    return "&".join(kept + own_parts)
+
+
+class Planner:
+    """Turns a decoded batch into a plan against the route table; raises ClientError subclasses."""
+
+    def __init__(self, routes: RouteTable) -> None:
+        self._routes = routes
+
+    def plan(self, item: Item, outer: OuterRequest) -> BatchPlan:
+        base = inheritable(outer.headers)
+        add_forwarding(
+            base,
+            client_ip=outer.client_ip,
+            proto=outer.proto,
+            host=outer.host,
+            request_id=outer.request_id,
+        )
+        calls: list[PlannedCall] = []
+        root = self._node(item, base, outer.raw_query, calls)
+        return BatchPlan(root=root, calls=tuple(calls))
+
+    def _node(
+        self, item: Item, base: CIMultiDict[str], query: str, calls: list[PlannedCall]
+    ) -> PlanNode:
+        if isinstance(item, Batch):
+            children = tuple(self._node(child, base, query, calls) for child in item.items)
+            return PlannedBatch(mode=item.mode, items=children, where=item.where)
+        planned = self._call(item, base, query, len(calls))
+        calls.append(planned)
+        return planned
+
+    def _call(
+        self, request: SubRequest, base: CIMultiDict[str], query: str, position: int
+    ) -> PlannedCall:
+        target = parse_target(request.target, request.where)
+        target = Target(path=target.path, query=merge_query(query, target.query))
+        routed = self._routes.route(request.method, target, request.where)
+        headers = inherit(base, request.headers)
+        call = UpstreamCall(
+            upstream=routed.upstream,
+            method=request.method,
+            url=routed.url,
+            headers=tuple(headers.items()),
+            body=request.body,
+        )
+        return PlannedCall(
+            position=position, request=request, call=call, upstream_path=routed.path
+        )

@@ -1,0 +1,115 @@
+"""The route table: origin-form target validation and longest-prefix routing to an upstream URL.
+
+Every URL the gateway calls is built here from a configured upstream; a client can never name a host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+from yarl import URL
+
+from gateway.config import GatewayConfig, Route
+from gateway.errors import ForbiddenTarget, RouteNotFound
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A validated origin-form target: raw (still percent-encoded) path and query string."""
+
+    path: str
+    query: str
+
+
+@dataclass(frozen=True, slots=True)
+class RoutedTarget:
+    """Where a request goes: the upstream's name and the full URL on it."""
+
+    upstream: str
+    url: URL
+    route: Route
+    path: str
+    """The path on the upstream, relative to its base URL (what compensation rules match)."""
+
+
+def parse_target(target: str, where: str | None = None) -> Target:
+    """Check a client-supplied target is origin-form and does not escape its route."""
+    if not target.startswith("/") or target.startswith("//"):
+        raise ForbiddenTarget(
+            f"target {target[:200]!r} must be an origin-form path starting with a single /; "
+            "absolute and scheme-relative URLs are not allowed",
+            where=where,
+        )
+    path, _, query = target.partition("?")
+    path = path.split("#", 1)[0]
+    _check_path_chars(target, where)
+    decoded = unquote(path)
+    if "\\" in decoded or any(seg in (".", "..") for seg in decoded.split("/")):
+        raise ForbiddenTarget(
+            f"target {target[:200]!r} contains dot segments or backslashes (also when "
+            "percent-encoded); they could escape the route",
+            where=where,
+        )
+    return Target(path=path, query=query)
+
+
+def _check_path_chars(target: str, where: str | None) -> None:
+    if any(ord(ch) < 0x21 or ord(ch) == 0x7F for ch in target) or "\\" in target:
+        raise ForbiddenTarget(
+            f"target {target[:200]!r} contains whitespace, control characters or backslashes",
+            where=where,
+        )
+    decoded = unquote(target)
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in decoded):
+        raise ForbiddenTarget(
+            f"target {target[:200]!r} contains percent-encoded control characters", where=where
+        )
+
+
+def _matches(route: Route, path: str, method: str) -> bool:
+    prefix = route.prefix
+    if prefix != "/" and path != prefix and not path.startswith(prefix + "/"):
+        return False
+    return route.methods is None or method in route.methods
+
+
+class RouteTable:
+    """Longest prefix wins; among equal prefixes a route listing the method beats a catch-all."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self._upstreams = {name: URL(up.url) for name, up in config.upstreams.items()}
+        self._routes = sorted(
+            config.routes, key=lambda r: (len(r.prefix), r.methods is not None), reverse=True
+        )
+
+    def route(self, method: str, target: Target, where: str | None = None) -> RoutedTarget:
+        for route in self._routes:
+            if _matches(route, target.path, method):
+                path = self._rewrite(route, target.path)
+                return RoutedTarget(route.upstream, self._url(route.upstream, path, target), route, path)
+        detail = f"no route for {method} {target.path[:200]!r}"
+        if where is not None:
+            raise ForbiddenTarget(detail, where=where)
+        raise RouteNotFound(detail)
+
+    @staticmethod
+    def _rewrite(route: Route, path: str) -> str:
+        if route.strip_prefix and route.prefix != "/":
+            path = path[len(route.prefix) :] or "/"
+        return route.add_prefix + path
+
+    def _url(self, upstream: str, path: str, target: Target) -> URL:
+        return self.upstream_url(upstream, Target(path=path, query=target.query))
+
+    def upstream_url(self, upstream: str, target: Target) -> URL:
+        """A URL on a named upstream; also for gateway-made calls (transactions, undo, snapshot)."""
+        base = self._upstreams[upstream]
+        return URL.build(
+            scheme=base.scheme,
+            host=base.raw_host or "",
+            port=base.explicit_port,
+            path=(base.raw_path.rstrip("/") + target.path) or "/",
+            query_string=target.query,
+            encoded=True,
+        )

@@ -1,0 +1,34 @@
+"""The gateway's runtime parts held by the aiohttp app: config, routes, upstream pool, metrics.
+
+Kept apart from app.py so handlers can import the app keys without importing the wiring.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from gateway.batch_service import BatchService
+from gateway.config import GatewayConfig
+from gateway.metrics import GatewayMetrics
+from gateway.routing import RouteTable
+from gateway.upstream import UpstreamPool
+
+REQUEST_ID = "gateway.request_id"
+
+
+@dataclass
+class Gateway:
+    """Everything a handler needs, built once per app from the validated config."""
+
+    config: GatewayConfig
+    routes: RouteTable
+    pool: UpstreamPool
+    metrics: GatewayMetrics
+    batches: BatchService
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+GATEWAY = web.AppKey("gateway", Gateway)

@@ -1,0 +1,169 @@
+"""Upstream client sessions (one pooled ClientSession per upstream) and the one `send` call.
+
+aiohttp client exceptions are translated here into UpstreamUnavailable / UpstreamTimeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from yarl import URL
+
+from gateway.config import GatewayConfig
+from gateway.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from gateway.model import Headers, SubResponse
+
+Observer = Callable[[str, int, float], None]
+"""Called with (upstream, status or 0, seconds) after every upstream call."""
+
+_SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamCall:
+    """A fully resolved call on one configured upstream."""
+
+    upstream: str
+    method: str
+    url: URL
+    headers: Headers
+    body: bytes | None = None
+    timeout: float | None = None
+
+
+@contextmanager
+def translate_errors(upstream: str) -> Iterator[None]:
+    """Turn aiohttp client errors into the gateway's own, most specific first."""
+    try:
+        yield
+    except aiohttp.ConnectionTimeoutError as exc:
+        raise UpstreamTimeout(f"connecting to upstream {upstream!r} timed out") from exc
+    except (aiohttp.ServerTimeoutError, TimeoutError) as exc:
+        raise UpstreamTimeout(
+            f"upstream {upstream!r} did not answer in time", maybe_executed=True
+        ) from exc
+    except aiohttp.ClientConnectorError as exc:
+        raise UpstreamUnavailable(f"upstream {upstream!r} is unreachable: {exc.os_error}") from exc
+    except aiohttp.ClientError as exc:
+        raise UpstreamUnavailable(
+            f"connection to upstream {upstream!r} failed: {type(exc).__name__}",
+            maybe_executed=True,
+        ) from exc
+
+
+class UpstreamPool:
+    """One keep-alive ClientSession per upstream, plus its concurrency bound for batch calls."""
+
+    def __init__(
+        self, config: GatewayConfig, *, max_response_bytes: int, observe: Observer | None = None
+    ) -> None:
+        self._config = config
+        self._max_response_bytes = max_response_bytes
+        self._observe = observe
+        self._sessions: dict[str, aiohttp.ClientSession] = {}
+        self._bounds = {name: asyncio.Semaphore(up.concurrency) for name, up in config.upstreams.items()}
+
+    async def start(self) -> None:
+        for name, upstream in self._config.upstreams.items():
+            connector = aiohttp.TCPConnector(
+                limit=upstream.pool_size, limit_per_host=upstream.pool_size, keepalive_timeout=30
+            )
+            timeout = aiohttp.ClientTimeout(
+                total=upstream.timeouts.total, sock_connect=upstream.timeouts.connect
+            )
+            self._sessions[name] = aiohttp.ClientSession(
+                connector=connector,
+                timeout=timeout,
+                auto_decompress=False,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                skip_auto_headers=_SKIP_AUTO_HEADERS,
+                trust_env=False,
+            )
+
+    async def close(self) -> None:
+        for session in self._sessions.values():
+            await session.close()
+        self._sessions.clear()
+
+    @property
+    def ready(self) -> bool:
+        return len(self._sessions) == len(self._config.upstreams) and not any(
+            s.closed for s in self._sessions.values()
+        )
+
+    def bound(self, upstream: str) -> asyncio.Semaphore:
+        return self._bounds[upstream]
+
+    async def send(self, call: UpstreamCall) -> SubResponse:
+        """Make one call and read the whole response; raises UpstreamError subclasses only."""
+        started = time.perf_counter()
+        status = 0
+        try:
+            with translate_errors(call.upstream):
+                async with self._request(call) as response:
+                    body = await self._read_capped(call.upstream, response)
+                    status = response.status
+                    return SubResponse(
+                        status=response.status,
+                        reason=response.reason or "",
+                        headers=tuple(response.headers.items()),
+                        body=body,
+                    )
+        finally:
+            if self._observe is not None:
+                self._observe(call.upstream, status, time.perf_counter() - started)
+
+    def _request(self, call: UpstreamCall) -> Any:
+        kwargs: dict[str, Any] = {}
+        if call.timeout is not None:
+            kwargs["timeout"] = aiohttp.ClientTimeout(
+                total=call.timeout,
+                sock_connect=self._config.upstreams[call.upstream].timeouts.connect,
+            )
+        return self._sessions[call.upstream].request(
+            call.method,
+            call.url,
+            headers=list(call.headers),
+            data=call.body,
+            allow_redirects=False,
+            **kwargs,
+        )
+
+    async def _read_capped(self, upstream: str, response: aiohttp.ClientResponse) -> bytes:
+        body = await response.content.read(self._max_response_bytes + 1)
+        while len(body) <= self._max_response_bytes and not response.content.at_eof():
+            chunk = await response.content.read(self._max_response_bytes + 1 - len(body))
+            if not chunk:
+                break
+            body += chunk
+        if len(body) > self._max_response_bytes:
+            raise UpstreamError(
+                f"upstream {upstream!r} answered a body over {self._max_response_bytes} bytes, "
+                "the batch limit (limits.max_response_bytes)",
+                maybe_executed=True,
+            )
+        return body
+
+    @asynccontextmanager
+    async def stream(
+        self, upstream: str, method: str, url: URL, headers: Headers, data: Any
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """Open a streaming call for the plain proxy; the caller reads the body in chunks.
+
+        Streams have no total deadline: `timeouts.total` bounds each read instead.
+        """
+        with translate_errors(upstream):
+            timeouts = self._config.upstreams[upstream].timeouts
+            timeout = aiohttp.ClientTimeout(
+                total=None, sock_connect=timeouts.connect, sock_read=timeouts.total
+            )
+            async with self._sessions[upstream].request(
+                method, url, headers=list(headers), data=data, allow_redirects=False, timeout=timeout
+            ) as response:
+                yield response

@@ -1,0 +1,79 @@
+"""Shared fixtures: the demo upstreams as real loopback servers and a gateway routed to them.
+
+Every test talks to the gateway over a real socket (aiohttp_client) and reads upstream state directly.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from gateway.app import create_app
+from gateway.config import GatewayConfig, parse_config
+from gateway.demo.launcher import demo_config_data
+from gateway.demo.services import DEMO_STATE, DemoState, ledger_app, legacy_app
+
+MakeConfig = Callable[..., GatewayConfig]
+MakeGateway = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
+
+
+def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+@pytest.fixture
+async def legacy(aiohttp_server: Any) -> TestServer:
+    return await aiohttp_server(legacy_app())
+
+
+@pytest.fixture
+async def ledger(aiohttp_server: Any) -> TestServer:
+    return await aiohttp_server(ledger_app())
+
+
+def state_of(server: TestServer) -> DemoState:
+    """The in-memory state of a demo upstream (records, open transactions, call log)."""
+    return server.app[DEMO_STATE]
+
+
+@pytest.fixture
+def make_config(legacy: TestServer, ledger: TestServer, tmp_path: Path) -> MakeConfig:
+    """The demo config pointed at the test upstreams, with optional deep-merged overrides."""
+
+    def make(overrides: dict[str, Any] | None = None) -> GatewayConfig:
+        data = demo_config_data(
+            str(legacy.make_url("")).rstrip("/"),
+            str(ledger.make_url("")).rstrip("/"),
+            journal=str(tmp_path / "journal.sqlite3"),
+        )
+        return parse_config(deep_merge(data, overrides or {}), "<test>")
+
+    return make
+
+
+@pytest.fixture
+def make_gateway(aiohttp_client: Any, make_config: MakeConfig) -> MakeGateway:
+    async def make(overrides: dict[str, Any] | None = None) -> TestClient[web.Request, web.Application]:
+        client: TestClient[web.Request, web.Application] = await aiohttp_client(
+            create_app(make_config(overrides))
+        )
+        return client
+
+    return make
+
+
+@pytest.fixture
+async def gateway(make_gateway: MakeGateway) -> TestClient[web.Request, web.Application]:
+    return await make_gateway()
