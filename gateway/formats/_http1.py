@@ -94,8 +94,7 @@ def _run_h11(data: bytes, injected: bool, limits: HeadLimits, where: str) -> Par
     conn = h11.Connection(
         h11.SERVER, max_incomplete_event_size=limits.max_bytes + len(_PLACEHOLDER_HOST)
     )
-    conn.receive_data(data)
-    conn.receive_data(b"")  # the part is all there is: a short body is an error, not a wait
+    conn.receive_data(data)  # all there is: NEED_DATA later means the part ended too soon
     request = conn.next_event()
     if not isinstance(request, h11.Request):
         raise MalformedBatch("the part holds no complete HTTP request", where=where)
