@@ -14,6 +14,7 @@ from importlib import resources
 import structlog
 from aiohttp import web
 
+from gateway.atomicity.recovery import Recovery
 from gateway.batch_endpoints import add_batch_routes
 from gateway.batch_service import BatchService
 from gateway.config import GatewayConfig
@@ -149,12 +150,26 @@ def create_app(config: GatewayConfig) -> web.Application:
     app.router.add_get(f"{prefix}/openapi.json", openapi)
     add_batch_routes(app, config)
     app.router.add_route("*", "/{tail:.*}", proxy_handler)
-    app.cleanup_ctx.append(_pool_lifecycle)
+    app.cleanup_ctx.append(_lifecycle)
     return app
 
 
-async def _pool_lifecycle(app: web.Application) -> AsyncIterator[None]:
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    """Open pools and journal, roll back what a crash left, prune; on stop drain and close."""
     gateway = app[GATEWAY]
+    gateway.extras["recovered"] = False
     await gateway.pool.start()
-    yield
-    await gateway.pool.close()
+    await gateway.batches.journal.open()
+    try:
+        outcomes = await Recovery(
+            gateway.config, gateway.routes, gateway.pool, gateway.batches.journal
+        ).run()
+        gateway.extras["recovered"] = True
+        if outcomes:
+            log.warning("recovery_done", batches={k: v.value for k, v in outcomes.items()})
+        await gateway.batches.journal.prune(gateway.config.journal.retention_hours * 3600)
+        yield
+    finally:
+        await gateway.batches.drain(gateway.config.shutdown_grace)
+        await gateway.pool.close()
+        await gateway.batches.journal.close()

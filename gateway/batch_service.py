@@ -5,8 +5,14 @@ Format-agnostic: the endpoints decode and encode; this module never sees wire by
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 
+import structlog
+
+from gateway.atomicity.coordinator import AtomicRun
+from gateway.atomicity.journal import Journal, SqliteJournal
+from gateway.atomicity.plan import plan_atomicity
 from gateway.config import GatewayConfig
 from gateway.execution import Deadline, execute, plain_runner
 from gateway.metrics import GatewayMetrics
@@ -15,13 +21,15 @@ from gateway.planning import BatchPlan, OuterRequest, Planner
 from gateway.routing import RouteTable
 from gateway.upstream import UpstreamPool
 
+log = structlog.get_logger("gateway.batch")
+
 
 def new_batch_id() -> str:
     return "b" + secrets.token_hex(12)
 
 
 class BatchService:
-    """Runs batches against the upstream pool; atomic batches go through the atomic coordinator."""
+    """Runs batches against the upstream pool; atomic ones through the coordinator and journal."""
 
     def __init__(
         self,
@@ -29,14 +37,15 @@ class BatchService:
         routes: RouteTable,
         pool: UpstreamPool,
         metrics: GatewayMetrics,
+        journal: Journal | None = None,
     ) -> None:
         self._config = config
+        self._routes = routes
         self._pool = pool
         self._metrics = metrics
+        self.journal: Journal = journal or SqliteJournal(config.journal.path)
         self.planner = Planner(routes)
-
-    def plan(self, item: Item, outer: OuterRequest) -> BatchPlan:
-        return self.planner.plan(item, outer)
+        self._in_flight: set[asyncio.Task[BatchReport]] = set()
 
     def deadline(self) -> Deadline:
         limits = self._config.batch.limits
@@ -44,10 +53,36 @@ class BatchService:
 
     async def run(self, item: Item, outer: OuterRequest, *, batch_id: str) -> BatchReport:
         """Run a non-atomic batch: every item gets a result (or Skipped after a Serial failure)."""
-        plan = self.plan(item, outer)
+        plan = self.planner.plan(item, outer)
         root = await execute(plan.root, plain_runner(self._pool, self.deadline()))
         self._count(plan, root)
+        self._metrics.batches.labels("plain", "processed").inc()
         return BatchReport(root=root, batch_id=batch_id)
+
+    async def run_atomic(self, item: Item, outer: OuterRequest, *, batch_id: str) -> BatchReport:
+        """Plan (422 if any call cannot be made atomic), then run all-or-nothing.
+
+        The run is a task of its own, shielded: a client that disconnects (cancelling the handler)
+        does not interrupt forward calls or their rollback.
+        """
+        plan = self.planner.plan(item, outer)
+        steps = plan_atomicity(plan, self._config)
+        run = AtomicRun(
+            batch_id=batch_id, plan=plan, steps=steps, config=self._config, routes=self._routes,
+            pool=self._pool, journal=self.journal, metrics=self._metrics, deadline=self.deadline(),
+        )
+        task = asyncio.ensure_future(run.run())
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+        report = await asyncio.shield(task)
+        self._count(plan, report.root)
+        return report
+
+    async def drain(self, timeout: float) -> None:
+        """Wait for atomic batches still running (e.g. their client went away) to finish."""
+        if self._in_flight:
+            log.info("draining_atomic_batches", count=len(self._in_flight))
+            await asyncio.wait(self._in_flight, timeout=timeout)
 
     def _count(self, plan: BatchPlan, root: ResultNode) -> None:
         for call, result in zip(plan.calls, iter_results(root), strict=True):

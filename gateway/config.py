@@ -259,7 +259,7 @@ def _check_routes(config: GatewayConfig) -> None:
                     f"{reserved!r} ({key}); move one of them",
                 )
         for method in route.methods or ("*",):
-            other = seen.get((route.prefix, method)) or seen.get((route.prefix, "*"))
+            other = seen.get((route.prefix, method), seen.get((route.prefix, "*")))
             if other is None and method == "*":
                 other = next((i for (p, _), i in seen.items() if p == route.prefix), None)
             if other is not None:
@@ -288,10 +288,18 @@ def load_config(path: str | Path) -> GatewayConfig:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(name, "(file)", f"not valid YAML: {exc}") from None
+        raise ConfigError(name, "(file)", f"not valid YAML: {_yaml_problem(exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(name, "(root)", "must be a mapping with upstreams and routes")
     return parse_config(data, name)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one line: the problem and where (1-based line, column)."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        return f"{exc.problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(exc).split())
 
 
 def parse_config(data: dict[str, Any], name: str = "<config>") -> GatewayConfig:

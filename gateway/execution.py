@@ -20,7 +20,7 @@ from gateway.model import (
     Skipped,
     SubResponse,
 )
-from gateway.planning import PlanNode, PlannedBatch, PlannedCall
+from gateway.planning import PlannedBatch, PlannedCall, PlanNode
 from gateway.upstream import UpstreamCall, UpstreamPool
 
 CallRunner = Callable[[PlannedCall], Awaitable[ItemResult]]

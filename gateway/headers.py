@@ -56,8 +56,16 @@ def inheritable(outer: CIMultiDict[str]) -> CIMultiDict[str]:
 
 
 def inherit(base: CIMultiDict[str], own: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
-    """Outer headers overlaid with a sub-request's own: a name it sets replaces all outer values."""
-    own = [(k, v) for k, v in own if not is_hop_by_hop(k, set()) and k.lower() != "host"]
+    """Outer headers overlaid with a sub-request's own: a name it sets replaces all outer values.
+
+    The sub-request's own framing (Content-Length, Transfer-Encoding) is dropped: the client
+    session frames the body it sends.
+    """
+    own = [
+        (k, v)
+        for k, v in own
+        if not is_hop_by_hop(k, set()) and k.lower() not in ("host", "content-length")
+    ]
     merged = base.copy()
     for name in {k.lower() for k, _ in own}:
         merged.popall(name, None)

@@ -44,7 +44,9 @@ def demo_config_data(
     }
 
 
-async def start_site(app: web.Application, host: str = "127.0.0.1", port: int = 0) -> tuple[web.AppRunner, str]:
+async def start_site(
+    app: web.Application, host: str = "127.0.0.1", port: int = 0
+) -> tuple[web.AppRunner, str]:
     """Start an app on loopback; returns its runner and base URL (port 0 picks a free port)."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()

@@ -1,0 +1,264 @@
+"""The atomic coordinator: runs a planned batch all-or-nothing and reports honestly what happened.
+
+Journal before every change, commit transactions last, compensate in reverse completion order.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+from dataclasses import dataclass, replace
+from typing import Any
+
+import structlog
+
+from gateway.atomicity.compensation import encode_response, snapshot_call
+from gateway.atomicity.journal import Journal
+from gateway.atomicity.plan import AtomicStep, Strategy
+from gateway.atomicity.rollback import UndoResult, run_undo
+from gateway.atomicity.state import BatchState, BatchStateMachine
+from gateway.atomicity.transactions import TransactionFailed, TransactionSet
+from gateway.config import GatewayConfig
+from gateway.execution import Deadline, execute, failure_summary, send_within
+from gateway.metrics import GatewayMetrics
+from gateway.model import (
+    BatchOutcome,
+    BatchReport,
+    BatchResult,
+    CallFailure,
+    ItemResult,
+    ResultNode,
+    RollbackStatus,
+    Skipped,
+    SubResponse,
+)
+from gateway.planning import BatchPlan, PlannedCall
+from gateway.routing import RouteTable
+from gateway.upstream import UpstreamPool
+
+log = structlog.get_logger("gateway.atomic")
+
+
+@dataclass
+class CallRecord:
+    """What became of one executed call: journaled intent, outcome and (later) its undo."""
+
+    step: AtomicStep
+    intent: dict[str, Any]
+    state: str  # done | failed | unknown | not_sent
+    outcome: dict[str, Any] | None
+    seq: int
+    undo: UndoResult | None = None
+
+
+def classify(outcome: SubResponse | CallFailure) -> str:
+    if isinstance(outcome, SubResponse):
+        return "failed" if outcome.failed else "done"
+    return "unknown" if outcome.maybe_executed else "not_sent"
+
+
+class AtomicRun:
+    """One atomic batch in flight; `run` returns the annotated report."""
+
+    def __init__(
+        self, *, batch_id: str, plan: BatchPlan, steps: dict[int, AtomicStep],
+        config: GatewayConfig, routes: RouteTable, pool: UpstreamPool, journal: Journal,
+        metrics: GatewayMetrics, deadline: Deadline,
+    ) -> None:
+        self.batch_id, self.plan, self.steps = batch_id, plan, steps
+        self._config, self._routes, self._pool = config, routes, pool
+        self._journal, self._metrics, self._deadline = journal, metrics, deadline
+        settings = {n: u.transactions for n, u in config.upstreams.items() if u.transactions}
+        self.txs = TransactionSet(batch_id, pool, routes, journal, settings)
+        self.machine = BatchStateMachine()
+        self.records: dict[int, CallRecord] = {}
+        self.abort_reason: str | None = None
+        self._seq = itertools.count(1)
+
+    async def run(self) -> BatchReport:
+        await self._journal.batch_state(self.batch_id, BatchState.PLANNED, f"{len(self.plan.calls)} calls")
+        await self._transition(BatchState.RUNNING)
+        root = await execute(self.plan.root, self.run_call)
+        if self.abort_reason is None and not root.failed:
+            outcome, detail = await self._commit()
+        else:
+            outcome, detail = await self._compensate()
+        return BatchReport(
+            root=self._annotate(root, outcome),
+            batch_id=self.batch_id,
+            atomic_outcome=outcome,
+            outcome_detail=detail,
+        )
+
+    async def _transition(self, state: BatchState, detail: str | None = None) -> None:
+        self.machine.to(state)
+        await self._journal.batch_state(self.batch_id, state, detail)
+
+    # -- forward calls -------------------------------------------------------------------------
+
+    async def run_call(self, planned: PlannedCall) -> ItemResult:
+        async with self._pool.bound(planned.upstream):
+            if self.abort_reason is not None:
+                return ItemResult(Skipped(f"not executed: the batch is rolling back ({self.abort_reason})"))
+            outcome = await self._forward(planned, self.steps[planned.position])
+        if outcome.failed and self.abort_reason is None:
+            self.abort_reason = failure_summary(planned, ItemResult(outcome))
+        return ItemResult(outcome)
+
+    async def _forward(self, planned: PlannedCall, step: AtomicStep) -> SubResponse | CallFailure:
+        key = f"{self.batch_id}.{planned.position}"
+        headers = _with_header(planned.call.headers, "Idempotency-Key", key)
+        if step.strategy is Strategy.TRANSACTION:
+            try:
+                token = await self.txs.token(planned.upstream, planned.call.headers)
+            except TransactionFailed as exc:
+                return CallFailure(502, f"could not begin the upstream transaction: {exc}")
+            headers = _with_header(headers, self.txs.header(planned.upstream), token)
+        call = replace(planned.call, headers=headers)
+        intent = _intent(planned, call, step)
+        if step.strategy is Strategy.COMPENSATION:
+            failure = await self._snapshot(intent)
+            if failure is not None:
+                return failure
+            await self._journal.step_intent(self.batch_id, planned.position, intent)
+        outcome = await send_within(self._pool, call, self._deadline)
+        await self._record(planned.position, step, intent, outcome)
+        return outcome
+
+    async def _snapshot(self, intent: dict[str, Any]) -> CallFailure | None:
+        call = snapshot_call(intent, self._routes)
+        if call is None:
+            return None
+        response = await send_within(self._pool, call, self._deadline)
+        if isinstance(response, CallFailure):
+            return CallFailure(response.status, f"snapshot before the call failed: {response.reason}")
+        if not (200 <= response.status < 300 or response.status in (404, 410)):
+            return CallFailure(502, f"snapshot GET {call.url.path} answered {response.status}")
+        intent["snapshot"] = encode_response(response)
+        return None
+
+    async def _record(
+        self, position: int, step: AtomicStep, intent: dict[str, Any],
+        outcome: SubResponse | CallFailure,
+    ) -> None:
+        encoded = encode_response(outcome) if isinstance(outcome, SubResponse) else None
+        record = CallRecord(step, intent, classify(outcome), encoded, next(self._seq))
+        self.records[position] = record
+        if step.strategy is Strategy.COMPENSATION:
+            await self._journal.step_outcome(self.batch_id, position, record.state, encoded, record.seq)
+
+    # -- commit and compensation ---------------------------------------------------------------
+
+    async def _commit(self) -> tuple[BatchOutcome, str | None]:
+        await self._transition(BatchState.COMMITTING)
+        for index, upstream in enumerate(self.txs.begun):
+            error = await self.txs.end(upstream, commit=True)
+            if error is not None:
+                committed = self.txs.begun[:index]
+                return await self._compensate(commit_error=error, committed=committed)
+        await self._transition(BatchState.COMMITTED)
+        self._metrics.batches.labels("atomic", "committed").inc()
+        return BatchOutcome.COMMITTED, None
+
+    async def _compensate(
+        self, commit_error: str | None = None, committed: list[str] | None = None
+    ) -> tuple[BatchOutcome, str | None]:
+        await self._transition(BatchState.COMPENSATING, commit_error or self.abort_reason)
+        committed = committed or []
+        self._tx_errors = {
+            upstream: await self.txs.end(upstream, commit=False)
+            for upstream in self.txs.begun
+            if upstream not in committed
+        }
+        self._tx_errors.update({u: "its transaction was already committed" for u in committed})
+        for position, record in sorted(self.records.items(), key=lambda kv: -kv[1].seq):
+            if record.step.strategy is Strategy.COMPENSATION and record.state in ("done", "unknown"):
+                record.undo = await self._undo(position, record)
+        problems = self._problems()
+        outcome = BatchOutcome.ROLLBACK_INCOMPLETE if problems else BatchOutcome.ROLLED_BACK
+        detail = "; ".join(problems) if problems else commit_error or self.abort_reason
+        await self._transition(BatchState(outcome.value), detail)
+        self._metrics.batches.labels("atomic", outcome.value).inc()
+        return outcome, detail
+
+    async def _undo(self, position: int, record: CallRecord) -> UndoResult:
+        outcome = record.outcome if record.state == "done" else None
+        result = await run_undo(
+            self._pool, self._routes, record.intent, outcome,
+            f"{self.batch_id}.{position}.undo", self._config.batch.rollback,
+        )
+        state = "undone" if result.done else "undo_failed"
+        await self._journal.step_undo(self.batch_id, position, state, result.detail)
+        self._metrics.rollbacks.labels("compensation", state).inc()
+        if not result.done:
+            log.error("undo_failed", batch_id=self.batch_id, position=position, detail=result.detail)
+        return result
+
+    def _problems(self) -> list[str]:
+        problems = [f"{u}: {e}" for u, e in self._tx_errors.items() if e is not None]
+        for _position, record in sorted(self.records.items()):
+            if record.undo is not None and not record.undo.done:
+                problems.append(f"{record.intent['where']}: {record.undo.detail}")
+        return problems
+
+    # -- reporting -----------------------------------------------------------------------------
+
+    def _annotate(self, root: ResultNode, outcome: BatchOutcome) -> ResultNode:
+        positions = iter(range(len(self.plan.calls)))
+
+        def walk(node: ResultNode) -> ResultNode:
+            if isinstance(node, BatchResult):
+                return BatchResult(node.mode, tuple(walk(child) for child in node.items))
+            status, detail = self._item_status(next(positions), node, outcome)
+            return replace(node, rollback=status, rollback_detail=detail)
+
+        return walk(root)
+
+    def _item_status(
+        self, position: int, item: ItemResult, outcome: BatchOutcome
+    ) -> tuple[RollbackStatus, str | None]:
+        record = self.records.get(position)
+        if isinstance(item.outcome, Skipped):
+            return RollbackStatus.SKIPPED, None
+        if record is None:
+            return RollbackStatus.FAILED, None
+        if outcome is BatchOutcome.COMMITTED:
+            return RollbackStatus.EXECUTED, None
+        if record.step.strategy is Strategy.TRANSACTION:
+            return self._tx_item_status(record)
+        if record.state in ("failed", "not_sent"):
+            return RollbackStatus.FAILED, None
+        if record.step.strategy is Strategy.SAFE:
+            return RollbackStatus.EXECUTED, "read-only call; nothing to roll back"
+        if record.undo is not None and record.undo.done:
+            return RollbackStatus.ROLLED_BACK, record.undo.detail
+        detail = record.undo.detail if record.undo is not None else "no undo was run"
+        return RollbackStatus.ROLLBACK_FAILED, detail
+
+    def _tx_item_status(self, record: CallRecord) -> tuple[RollbackStatus, str | None]:
+        error = self._tx_errors.get(record.intent["upstream"])
+        if error is not None:
+            return RollbackStatus.ROLLBACK_FAILED, error
+        if record.state in ("failed", "not_sent"):
+            return RollbackStatus.FAILED, "upstream transaction rolled back"
+        return RollbackStatus.ROLLED_BACK, "upstream transaction rolled back"
+
+
+def _with_header(
+    headers: tuple[tuple[str, str], ...], name: str, value: str
+) -> tuple[tuple[str, str], ...]:
+    kept = tuple((k, v) for k, v in headers if k.lower() != name.lower())
+    return (*kept, (name, value))
+
+
+def _intent(planned: PlannedCall, call: Any, step: AtomicStep) -> dict[str, Any]:
+    return {
+        "where": planned.where,
+        "upstream": planned.upstream,
+        "method": call.method,
+        "url": str(call.url),
+        "path": planned.upstream_path,
+        "headers": [list(pair) for pair in call.headers],
+        "body_b64": base64.b64encode(call.body or b"").decode("ascii"),
+        "undo": None if step.undo is None else step.undo.to_json(),
+    }
