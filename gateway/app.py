@@ -138,6 +138,24 @@ def build_gateway(config: GatewayConfig) -> Gateway:
     return Gateway(config=config, routes=routes, pool=pool, metrics=metrics_, batches=batches)
 
 
+def _warn_reserved(config: GatewayConfig) -> None:
+    """A route covering a gateway path is allowed (e.g. `/`), but never silently shadowed."""
+    reserved = (
+        config.gateway.prefix,
+        config.batch.json_endpoint.path,
+        config.batch.multipart_endpoint.path,
+    )
+    for route in config.routes:
+        covered = [p for p in reserved if route.prefix == "/" or p.startswith(route.prefix + "/")]
+        if covered:
+            log.warning(
+                "route_partly_shadowed",
+                route=route.prefix,
+                upstream=route.upstream,
+                answered_by_gateway=covered,
+            )
+
+
 def create_app(config: GatewayConfig) -> web.Application:
     """The whole gateway as an aiohttp application (upstream sessions open on start-up)."""
     gateway = build_gateway(config)
@@ -150,6 +168,7 @@ def create_app(config: GatewayConfig) -> web.Application:
     app.router.add_get(f"{prefix}/openapi.json", openapi)
     add_batch_routes(app, config)
     app.router.add_route("*", "/{tail:.*}", proxy_handler)
+    _warn_reserved(config)
     app.cleanup_ctx.append(_lifecycle)
     return app
 
