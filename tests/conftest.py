@@ -35,12 +35,14 @@ def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any
 
 @pytest.fixture
 async def legacy(aiohttp_server: Any) -> TestServer:
-    return await aiohttp_server(legacy_app())
+    server: TestServer = await aiohttp_server(legacy_app())
+    return server
 
 
 @pytest.fixture
 async def ledger(aiohttp_server: Any) -> TestServer:
-    return await aiohttp_server(ledger_app())
+    server: TestServer = await aiohttp_server(ledger_app())
+    return server
 
 
 def state_of(server: TestServer) -> DemoState:

@@ -67,7 +67,7 @@ async def test_sigterm_lets_an_in_flight_batch_finish_then_exits(
             await asyncio.sleep(0.02)
         process.send_signal(signal.SIGTERM)
         await asyncio.sleep(0.2)
-        with_refusal = None
+        with_refusal: int | str | None = None
         try:
             async with session.get(f"{base}/_gateway/healthz") as response:
                 with_refusal = response.status
