@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -138,6 +139,15 @@ def build_gateway(config: GatewayConfig) -> Gateway:
     return Gateway(config=config, routes=routes, pool=pool, metrics=metrics_, batches=batches)
 
 
+async def _prune_periodically(gateway: Gateway, every: float = 3600.0) -> None:
+    """Delete finished batches older than the retention: at start-up, then every hour."""
+    while True:
+        pruned = await gateway.batches.journal.prune(gateway.config.journal.retention_hours * 3600)
+        if pruned:
+            log.info("journal_pruned", batches=pruned)
+        await asyncio.sleep(every)
+
+
 def _warn_reserved(config: GatewayConfig) -> None:
     """A route covering a gateway path is allowed (e.g. `/`), but never silently shadowed."""
     reserved = (
@@ -186,8 +196,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         gateway.extras["recovered"] = True
         if outcomes:
             log.warning("recovery_done", batches={k: v.value for k, v in outcomes.items()})
-        await gateway.batches.journal.prune(gateway.config.journal.retention_hours * 3600)
+        pruner = asyncio.create_task(_prune_periodically(gateway))
         yield
+        pruner.cancel()
     finally:
         await gateway.batches.drain(gateway.config.shutdown_grace)
         await gateway.pool.close()
