@@ -25,7 +25,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.problem import PROBLEM_JSON, problem_body
 from gateway.proxy import proxy_handler
 from gateway.routing import RouteTable
-from gateway.runtime import GATEWAY, REQUEST_ID, Gateway
+from gateway.runtime import BATCH_ID, GATEWAY, KIND, REQUEST_ID, UPSTREAM, Gateway
 from gateway.upstream import UpstreamPool
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -57,6 +57,8 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         response = await _handle(request, handler)
     finally:
         structlog.contextvars.unbind_contextvars("request_id")
+    if not response.prepared:
+        response.headers.setdefault("X-Request-ID", request[REQUEST_ID])
     _log_access(request, response.status, started)
     return response
 
@@ -78,7 +80,7 @@ async def _handle(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 def _log_access(request: web.Request, status: int, started: float) -> None:
     gateway = request.app[GATEWAY]
-    kind = request.get("kind", "proxy")
+    kind = request.get(KIND, "proxy")
     gateway.metrics.requests.labels(kind, str(status)).inc()
     log.info(
         "request",
@@ -86,27 +88,27 @@ def _log_access(request: web.Request, status: int, started: float) -> None:
         method=request.method,
         path=request.path,
         kind=kind,
-        upstream=request.get("upstream"),
-        batch_id=request.get("batch_id"),
+        upstream=request.get(UPSTREAM),
+        batch_id=request.get(BATCH_ID),
         status=status,
         duration_ms=round((time.perf_counter() - started) * 1000, 3),
     )
 
 
 async def healthz(request: web.Request) -> web.Response:
-    request["kind"] = "gateway"
+    request[KIND] = "gateway"
     return web.json_response({"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.Response:
-    request["kind"] = "gateway"
+    request[KIND] = "gateway"
     gateway = request.app[GATEWAY]
     ready = gateway.pool.ready and gateway.extras.get("recovered", True)
     return web.json_response({"ready": ready}, status=200 if ready else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
-    request["kind"] = "gateway"
+    request[KIND] = "gateway"
     gateway = request.app[GATEWAY]
     response = web.Response(body=gateway.metrics.render())
     response.headers["Content-Type"] = gateway.metrics.content_type
@@ -114,7 +116,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    request["kind"] = "gateway"
+    request[KIND] = "gateway"
     gateway = request.app[GATEWAY]
     text = resources.files("gateway.schemas").joinpath("gateway_openapi.json").read_text()
     doc = json.loads(text)

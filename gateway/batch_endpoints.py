@@ -15,7 +15,7 @@ from gateway.formats.json_batch import JsonBatchCodec
 from gateway.formats.multipart_batch import MultipartBatchCodec
 from gateway.model import BatchReport, ExecutionMode, Item
 from gateway.planning import OuterRequest
-from gateway.runtime import GATEWAY, REQUEST_ID
+from gateway.runtime import BATCH_ID, GATEWAY, KIND, REQUEST_ID
 
 ATOMIC_HEADER = "X-Batch-Atomic"
 EXECUTION_HEADER = "X-Batch-Execution"
@@ -75,7 +75,7 @@ def execution_mode(request: web.Request, endpoint: BatchEndpoint) -> ExecutionMo
 async def run_batch(request: web.Request, item: Item, endpoint: BatchEndpoint) -> BatchReport:
     service = request.app[GATEWAY].batches
     batch_id = new_batch_id()
-    request["batch_id"] = batch_id
+    request[BATCH_ID] = batch_id
     atomic = wants_atomic(request, endpoint)
     outer = outer_request(request)
     if atomic:
@@ -91,7 +91,7 @@ def report_headers(report: BatchReport) -> dict[str, str]:
 
 
 async def json_batch(request: web.Request) -> web.Response:
-    request["kind"] = "batch_json"
+    request[KIND] = "batch_json"
     config = request.app[GATEWAY].config
     ctype = request.headers.get("Content-Type", "application/json").split(";")[0].strip().lower()
     if ctype != "application/json" and not ctype.endswith("+json"):
@@ -107,7 +107,7 @@ async def json_batch(request: web.Request) -> web.Response:
 
 
 async def multipart_batch(request: web.Request) -> web.Response:
-    request["kind"] = "batch_multipart"
+    request[KIND] = "batch_multipart"
     config = request.app[GATEWAY].config
     endpoint = config.batch.multipart_endpoint
     codec = MultipartBatchCodec(config.batch.limits.batch_limits())
@@ -131,5 +131,5 @@ def add_batch_routes(app: web.Application, config: GatewayConfig) -> None:
 
 
 async def _method_not_allowed(request: web.Request) -> web.Response:
-    request["kind"] = "batch"
+    request[KIND] = "batch"
     raise web.HTTPMethodNotAllowed(request.method, ["POST"])

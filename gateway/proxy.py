@@ -12,7 +12,7 @@ from multidict import CIMultiDict
 from gateway.errors import UpstreamError
 from gateway.headers import add_forwarding, end_to_end
 from gateway.routing import parse_target
-from gateway.runtime import GATEWAY, REQUEST_ID
+from gateway.runtime import GATEWAY, REQUEST_ID, UPSTREAM
 
 _CHUNK = 64 * 1024
 log = structlog.get_logger("gateway.proxy")
@@ -35,7 +35,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     gateway = request.app[GATEWAY]
     target = parse_target(request.raw_path)
     routed = gateway.routes.route(request.method, target)
-    request["upstream"] = routed.upstream
+    request[UPSTREAM] = routed.upstream
     data = request.content if request.body_exists else None
     headers = tuple(forward_headers(request).items())
     async with gateway.pool.stream(

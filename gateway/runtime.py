@@ -16,7 +16,11 @@ from gateway.metrics import GatewayMetrics
 from gateway.routing import RouteTable
 from gateway.upstream import UpstreamPool
 
-REQUEST_ID = "gateway.request_id"
+REQUEST_ID = web.RequestKey("request_id", str)
+KIND = web.RequestKey("kind", str)
+"""What the request is, for logs and metrics: proxy, gateway, batch_json, batch_multipart."""
+UPSTREAM = web.RequestKey("upstream", str)
+BATCH_ID = web.RequestKey("batch_id", str)
 
 
 @dataclass

@@ -4,7 +4,6 @@ under a prefix the config can move.
 
 from __future__ import annotations
 
-import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
@@ -12,7 +11,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import MakeGateway
 
 # aiohttp 3.14 warns on the gateway's string request keys; see tests/test_proxy.py.
-pytestmark = pytest.mark.filterwarnings("ignore:It is recommended to use web.RequestKey")
 
 Client = TestClient[web.Request, web.Application]
 ENDPOINTS = ("healthz", "readyz", "metrics", "openapi.json")

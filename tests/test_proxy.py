@@ -24,10 +24,6 @@ from gateway.app import create_app
 from gateway.config import parse_config
 from tests.conftest import MakeGateway, state_of
 
-# aiohttp 3.14 warns on the gateway's string request keys (app.py, proxy.py, batch_endpoints.py);
-# with filterwarnings=error that turns every request into a 500. Reported; drop once RequestKey is used.
-pytestmark = pytest.mark.filterwarnings("ignore:It is recommended to use web.RequestKey")
-
 Client = TestClient[web.Request, web.Application]
 PROBLEM_JSON = "application/problem+json"
 HEX_ID = re.compile(r"^[0-9a-f]{32}$")
