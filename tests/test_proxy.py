@@ -12,6 +12,7 @@ import base64
 import json
 import re
 import socket
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -183,7 +184,9 @@ async def _quirky_upstream(request: web.Request) -> web.Response:
 
 
 @pytest.fixture
-async def quirky_gateway(aiohttp_server: Any, aiohttp_client: Any) -> tuple[Client, TestServer]:
+async def quirky_gateway(
+    aiohttp_server: Any, aiohttp_client: Any, tmp_path: Path
+) -> tuple[Client, TestServer]:
     upstream_app = web.Application()
     upstream_app.router.add_get("/headers", _quirky_upstream)
     upstream: TestServer = await aiohttp_server(upstream_app)
@@ -191,6 +194,7 @@ async def quirky_gateway(aiohttp_server: Any, aiohttp_client: Any) -> tuple[Clie
         {
             "upstreams": {"quirky": {"url": str(upstream.make_url("")).rstrip("/")}},
             "routes": [{"prefix": "/quirky", "upstream": "quirky", "strip_prefix": True}],
+            "journal": {"path": str(tmp_path / "journal.sqlite3")},
         }
     )
     client: Client = await aiohttp_client(create_app(config))
