@@ -22,17 +22,21 @@ EXECUTION_HEADER = "X-Batch-Execution"
 CONTROL_HEADERS = (ATOMIC_HEADER, EXECUTION_HEADER)
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The whole request body, refusing more than `limit` bytes before reading them all."""
+async def read_body(request: web.Request, limit: int, where: str) -> bytes:
+    """The whole request body, refusing more than `limit` bytes before reading them all.
+
+    `where` names the whole body the way the format's codec does (JSON pointer `/`, `body`).
+    """
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(
-            f"batch body is {request.content_length} bytes; the maximum is {limit} bytes"
+            f"batch body is {request.content_length} bytes; the maximum is {limit} bytes",
+            where=where,
         )
     body = bytearray()
     async for chunk in request.content.iter_chunked(64 * 1024):
         body.extend(chunk)
         if len(body) > limit:
-            raise PayloadTooLarge(f"batch body exceeds the maximum of {limit} bytes")
+            raise PayloadTooLarge(f"batch body exceeds the maximum of {limit} bytes", where=where)
     return bytes(body)
 
 
@@ -99,7 +103,7 @@ async def json_batch(request: web.Request) -> web.Response:
             f"the JSON batch endpoint takes application/json, got {ctype!r}", where="Content-Type"
         )
     codec = JsonBatchCodec(config.batch.limits.batch_limits())
-    item = codec.decode(await read_body(request, config.batch.limits.max_body_bytes))
+    item = codec.decode(await read_body(request, config.batch.limits.max_body_bytes, "/"))
     report = await run_batch(request, item, config.batch.json_endpoint)
     return web.Response(
         body=codec.encode(report), content_type="application/json", headers=report_headers(report)
@@ -111,7 +115,7 @@ async def multipart_batch(request: web.Request) -> web.Response:
     config = request.app[GATEWAY].config
     endpoint = config.batch.multipart_endpoint
     codec = MultipartBatchCodec(config.batch.limits.batch_limits())
-    body = await read_body(request, config.batch.limits.max_body_bytes)
+    body = await read_body(request, config.batch.limits.max_body_bytes, "body")
     batch = codec.decode(
         body, request.headers.get("Content-Type", ""), execution_mode(request, endpoint)
     )

@@ -5,11 +5,13 @@ All of it happens before the first upstream call, so a bad batch is rejected wit
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from urllib.parse import unquote_plus
 
 from multidict import CIMultiDict
 
+from gateway.errors import MalformedBatch
 from gateway.headers import add_forwarding, inherit, inheritable
 from gateway.model import Batch, ExecutionMode, Item, SubRequest
 from gateway.routing import RouteTable, Target, parse_target
@@ -75,6 +77,20 @@ def merge_query(outer: str, own: str) -> str:
     return "&".join(kept + own_parts)
 
 
+_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+"""Not allowed in a field value (RFC 9110 section 5.5); aiohttp's client refuses to send them."""
+
+
+def _check_header_values(request: SubRequest) -> None:
+    for name, value in request.headers:
+        if _CONTROL_CHARS.search(value):
+            raise MalformedBatch(
+                f"header {name[:100]!r} holds a control character; "
+                "only visible characters, space and tab are allowed",
+                where=request.where,
+            )
+
+
 class Planner:
     """Turns a decoded batch into a plan against the route table; raises ClientError subclasses."""
 
@@ -107,6 +123,7 @@ class Planner:
     def _call(
         self, request: SubRequest, base: CIMultiDict[str], query: str, position: int
     ) -> PlannedCall:
+        _check_header_values(request)
         target = parse_target(request.target, request.where)
         target = Target(path=target.path, query=merge_query(query, target.query))
         routed = self._routes.route(request.method, target, request.where)

@@ -121,10 +121,10 @@ class UpstreamPool:
 
     def _request(self, call: UpstreamCall) -> Any:
         kwargs: dict[str, Any] = {}
-        if call.timeout is not None:
+        if call.timeout is not None:  # the upstream's own total still caps a per-call timeout
+            timeouts = self._config.upstreams[call.upstream].timeouts
             kwargs["timeout"] = aiohttp.ClientTimeout(
-                total=call.timeout,
-                sock_connect=self._config.upstreams[call.upstream].timeouts.connect,
+                total=min(call.timeout, timeouts.total), sock_connect=timeouts.connect
             )
         return self._sessions[call.upstream].request(
             call.method,
