@@ -8,7 +8,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Iterable
 
-from multidict import CIMultiDict, istr
+from multidict import CIMultiDict, MultiMapping, istr
 
 HOP_BY_HOP = frozenset(
     istr(name)
@@ -26,7 +26,7 @@ HOP_BY_HOP = frozenset(
 )
 
 
-def connection_listed(headers: CIMultiDict[str]) -> set[str]:
+def connection_listed(headers: MultiMapping[str]) -> set[str]:
     """Header names that the Connection header marks hop-by-hop."""
     values = headers.getall("Connection", [])
     return {token.strip().lower() for value in values for token in value.split(",") if token.strip()}
@@ -37,13 +37,13 @@ def is_hop_by_hop(name: str, listed: set[str]) -> bool:
     return istr(name) in HOP_BY_HOP or lower.startswith("proxy-") or lower in listed
 
 
-def end_to_end(headers: CIMultiDict[str], *, drop: Iterable[str] = ()) -> CIMultiDict[str]:
+def end_to_end(headers: MultiMapping[str], *, drop: Iterable[str] = ()) -> CIMultiDict[str]:
     """A copy without hop-by-hop headers (incl. Connection-listed ones) and without `drop`."""
     listed = connection_listed(headers) | {name.lower() for name in drop}
     return CIMultiDict((k, v) for k, v in headers.items() if not is_hop_by_hop(k, listed))
 
 
-def inheritable(outer: CIMultiDict[str]) -> CIMultiDict[str]:
+def inheritable(outer: MultiMapping[str]) -> CIMultiDict[str]:
     """The outer batch headers every sub-request inherits: no Content-*, hop-by-hop, Host, Expect."""
     listed = connection_listed(outer)
     return CIMultiDict(

@@ -20,7 +20,7 @@ log = structlog.get_logger("gateway.proxy")
 
 def forward_headers(request: web.Request) -> CIMultiDict[str]:
     """The client's end-to-end headers plus X-Forwarded-* and X-Request-ID; no Host."""
-    headers = end_to_end(CIMultiDict(request.headers), drop=("Host",))
+    headers = end_to_end(request.headers, drop=("Host",))
     add_forwarding(
         headers,
         client_ip=request.remote,
@@ -44,7 +44,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(
             status=upstream_response.status, reason=upstream_response.reason
         )
-        response.headers.extend(end_to_end(CIMultiDict(upstream_response.headers)))
+        response.headers.extend(end_to_end(upstream_response.headers))
         response.headers["X-Request-ID"] = request[REQUEST_ID]
         await response.prepare(request)
         try:
