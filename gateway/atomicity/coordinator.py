@@ -69,7 +69,7 @@ class AtomicRun:
         self._config, self._routes, self._pool = config, routes, pool
         self._journal, self._metrics, self._deadline = journal, metrics, deadline
         settings = {n: u.transactions for n, u in config.upstreams.items() if u.transactions}
-        self.txs = TransactionSet(batch_id, pool, routes, journal, settings)
+        self.txs = TransactionSet(batch_id, pool, routes, journal, settings, config.batch.rollback)
         self.machine = BatchStateMachine()
         self.records: dict[int, CallRecord] = {}
         self.abort_reason: str | None = None

@@ -65,6 +65,7 @@ class Recovery:
                 await end_transaction(
                     self._pool, self._routes, tx.upstream, settings,
                     token=tx.token, headers=tx.headers or [], commit=False,
+                    retry=self._config.batch.rollback,
                 )
             except TransactionFailed as exc:
                 problems.append(str(exc))

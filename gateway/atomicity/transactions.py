@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 
 from gateway.atomicity.compensation import gateway_headers
 from gateway.atomicity.journal import Journal
+from gateway.atomicity.rollback import with_retries
 from gateway.atomicity.templates import TemplateError, lookup, render_path
-from gateway.config import Transactions
+from gateway.config import Rollback, Transactions
 from gateway.errors import UpstreamError
 from gateway.model import SubResponse
 from gateway.routing import RouteTable, Target
@@ -45,8 +47,12 @@ async def end_transaction(
     token: str,
     headers: list[list[str]],
     commit: bool,
+    retry: Rollback | None = None,
 ) -> None:
-    """Send commit or rollback for one token; raises TransactionFailed unless it answered 2xx."""
+    """Send commit or rollback for one token; raises TransactionFailed unless it answered 2xx.
+
+    A rollback is retried with `retry`'s backoff, like an undo; a commit is sent once.
+    """
     template = settings.commit if commit else settings.rollback
     path = render_path(template.path, {"token": token})
     extra = {settings.header: token}
@@ -58,12 +64,24 @@ async def end_transaction(
         timeout=settings.timeout,
     )
     action = "commit" if commit else "rollback"
-    try:
-        response = await pool.send(call)
-    except UpstreamError as exc:
-        raise TransactionFailed(f"{action} on {upstream!r} failed: {exc.detail}") from None
-    if not 200 <= response.status < 300:
-        raise TransactionFailed(f"{action} on {upstream!r} answered {response.status}")
+
+    async def attempt() -> str | None:
+        try:
+            response = await pool.send(call)
+        except UpstreamError as exc:
+            return f"{action} on {upstream!r} failed: {exc.detail}"
+        if not 200 <= response.status < 300:
+            return f"{action} on {upstream!r} answered {response.status}"
+        return None
+
+    error = await (attempt() if commit or retry is None else _retried(attempt, retry))
+    if error is not None:
+        raise TransactionFailed(error)
+
+
+async def _retried(attempt: Callable[[], Awaitable[str | None]], retry: Rollback) -> str | None:
+    error, tries = await with_retries(attempt, retry)
+    return None if error is None else f"{error} (after {tries} attempts)"
 
 
 class TransactionSet:
@@ -71,9 +89,10 @@ class TransactionSet:
 
     def __init__(
         self, batch_id: str, pool: UpstreamPool, routes: RouteTable, journal: Journal,
-        settings: dict[str, Transactions],
+        settings: dict[str, Transactions], retry: Rollback | None = None,
     ) -> None:
         self._batch_id = batch_id
+        self._retry = retry
         self._pool = pool
         self._routes = routes
         self._journal = journal
@@ -105,7 +124,8 @@ class TransactionSet:
             gateway_headers({"headers": headers}, {"Idempotency-Key": key}),
             timeout=settings.timeout,
         )
-        self.begun.append(upstream)
+        if upstream not in self.begun:  # a retried begin (the first one failed) is still one
+            self.begun.append(upstream)
         try:
             response = await self._pool.send(call)
         except UpstreamError as exc:
@@ -124,7 +144,7 @@ class TransactionSet:
         try:
             await end_transaction(
                 self._pool, self._routes, upstream, self._settings[upstream],
-                token=token, headers=self.headers[upstream], commit=commit,
+                token=token, headers=self.headers[upstream], commit=commit, retry=self._retry,
             )
         except TransactionFailed as exc:
             await self._journal.tx_state(self._batch_id, upstream, _failed(commit))
