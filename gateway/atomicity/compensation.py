@@ -17,7 +17,8 @@ from gateway.model import SubResponse
 from gateway.routing import RouteTable, Target
 from gateway.upstream import UpstreamCall
 
-_NOT_COPIED = ("idempotency-key",)
+_NOT_COPIED = ("idempotency-key", "range", "expect")
+"""Besides Content-* and conditionals (If-*): they describe the forward call, not its undo."""
 
 
 class UndoImpossible(Exception):
@@ -51,12 +52,18 @@ def _header(data: dict[str, Any] | None, name: str) -> str | None:
 
 
 def gateway_headers(intent: dict[str, Any], extra: dict[str, str]) -> tuple[tuple[str, str], ...]:
-    """The forward call's headers (auth etc.) without Content-* and Idempotency-Key, plus `extra`."""
+    """The forward call's headers (auth etc.) for a gateway-made call, plus `extra`.
+
+    Content-*, conditionals (If-Match ...), Range and Idempotency-Key are left out: an undo
+    guarded by the forward call's If-Match would fail with 412 for ever.
+    """
+    replaced = {name.lower() for name in extra}
     kept = [
         (k, v)
         for k, v in intent["headers"]
-        if not k.lower().startswith("content-") and k.lower() not in _NOT_COPIED
-        and k.lower() not in {name.lower() for name in extra}
+        if not k.lower().startswith(("content-", "if-"))
+        and k.lower() not in _NOT_COPIED
+        and k.lower() not in replaced
     ]
     return (*((k, v) for k, v in kept), *extra.items())
 

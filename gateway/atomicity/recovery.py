@@ -29,6 +29,15 @@ class Recovery:
     async def run(self) -> dict[str, BatchState]:
         outcomes: dict[str, BatchState] = {}
         for batch in await self._journal.unfinished():
+            missing = _upstreams_of(batch) - set(self._config.upstreams)
+            if missing:
+                log.error(
+                    "batch_not_recoverable_with_this_config",
+                    batch_id=batch.batch_id,
+                    missing_upstreams=sorted(missing),
+                    hint="kept unfinished; restore those upstreams in the config and restart",
+                )
+                continue
             outcomes[batch.batch_id] = await self._recover(batch)
         return outcomes
 
@@ -85,6 +94,10 @@ class Recovery:
             batch_id, step.position, "undone" if result.done else "undo_failed", result.detail
         )
         return None if result.done else f"{step.intent['where']}: {result.detail}"
+
+
+def _upstreams_of(batch: JournaledBatch) -> set[str]:
+    return {tx.upstream for tx in batch.transactions} | {s.intent["upstream"] for s in batch.steps}
 
 
 def _undo_order(step: JournaledStep) -> tuple[int, int]:
