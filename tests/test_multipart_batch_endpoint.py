@@ -428,7 +428,7 @@ REJECTIONS = [
      400, "part 2"),
     ("control-char-in-header", second(http_part(b"GET /echo/x HTTP/1.1\r\nX-A: a\x01b\r\n\r\n")), {},
      400, "part 2"),
-    ("too-many-parts", [http_part(get(f"/echo/{i}")) for i in range(4)], FEW, 413, "body"),
+    ("too-many-parts", [http_part(get(f"/echo/{i}")) for i in range(4)], FEW, 413, "part 4"),
     ("part-header-bytes", second(http_part(get("/echo/x"), "x" * 600)), FEW, 431, "part 2"),
     ("request-head-bytes", second(http_part(get("/echo/x", ("X-Pad", "p" * 600)))), FEW, 431,
      "part 2"),

@@ -343,7 +343,7 @@ REJECTIONS: list[tuple[str, bytes, str, BatchLimits, type[ClientError], int, str
     ("too-large", one(b"POST / HTTP/1.1\r\n\r\n" + b"x" * 2000), B1, SMALL, PayloadTooLarge, 413,
      "body"),
     ("too-many-parts", raw_batch([raw_part(GET_PONY)] * 3), B1, SMALL, PayloadTooLarge, 413,
-     "body"),
+     "part 3"),
     ("no-delimiter", b"just text", B1, SMALL, MalformedBatch, 400, "body"),
     ("other-boundary", one(GET_PONY), "multipart/mixed; boundary=b2", SMALL, MalformedBatch, 400,
      "body"),

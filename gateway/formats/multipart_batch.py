@@ -158,7 +158,8 @@ def _split_parts(body: bytes, boundary: str, max_parts: int) -> list[bytes]:
         parts.append(body[delimiter.end : following.start])
         if len(parts) > max_parts:
             raise PayloadTooLarge(
-                f"Too many parts. Maximum number of parts is {max_parts}.", where=_BATCH
+                f"Too many parts. Maximum number of parts is {max_parts}.",
+                where=f"part {len(parts)}",
             )
         delimiter = following
     if not parts:
