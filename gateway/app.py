@@ -56,7 +56,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     try:
         response = await _handle(request, handler)
     finally:
-        structlog.contextvars.unbind_contextvars("request_id")
+        structlog.contextvars.unbind_contextvars("request_id", "batch_id")
     if not response.prepared:
         response.headers.setdefault("X-Request-ID", request[REQUEST_ID])
     _log_access(request, response.status, started)

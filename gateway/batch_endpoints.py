@@ -5,6 +5,7 @@ Control headers (`X-Batch-Atomic`, `X-Batch-Execution`) are read here and never 
 
 from __future__ import annotations
 
+import structlog
 from aiohttp import web
 from multidict import CIMultiDict
 
@@ -80,6 +81,7 @@ async def run_batch(request: web.Request, item: Item, endpoint: BatchEndpoint) -
     service = request.app[GATEWAY].batches
     batch_id = new_batch_id()
     request[BATCH_ID] = batch_id
+    structlog.contextvars.bind_contextvars(batch_id=batch_id)
     atomic = wants_atomic(request, endpoint)
     outer = outer_request(request)
     if atomic:

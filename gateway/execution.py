@@ -10,6 +10,8 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
+import structlog
+
 from gateway.errors import UpstreamError
 from gateway.model import (
     BatchResult,
@@ -22,6 +24,8 @@ from gateway.model import (
 )
 from gateway.planning import PlannedBatch, PlannedCall, PlanNode
 from gateway.upstream import UpstreamCall, UpstreamPool
+
+log = structlog.get_logger("gateway.batch")
 
 CallRunner = Callable[[PlannedCall], Awaitable[ItemResult]]
 """Runs one planned call and never raises (but for cancellation): failures are results."""
@@ -91,10 +95,25 @@ def plain_runner(pool: UpstreamPool, deadline: Deadline) -> CallRunner:
 
     async def run(planned: PlannedCall) -> ItemResult:
         async with pool.bound(planned.upstream):
+            started = time.perf_counter()
             outcome = await send_within(pool, planned.call, deadline)
+        log_call(planned, outcome, started)
         return ItemResult(outcome)
 
     return run
+
+
+def log_call(planned: PlannedCall, outcome: SubResponse | CallFailure, started: float) -> None:
+    """One log line per sub-request; request id and batch id come from the bound context."""
+    log.info(
+        "subrequest",
+        item=planned.where,
+        position=planned.position,
+        upstream=planned.upstream,
+        method=planned.call.method,
+        status=outcome.status,
+        duration_ms=round((time.perf_counter() - started) * 1000, 3),
+    )
 
 
 async def send_within(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import itertools
+import time
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -19,7 +20,7 @@ from gateway.atomicity.rollback import UndoResult, run_undo
 from gateway.atomicity.state import BatchState, BatchStateMachine
 from gateway.atomicity.transactions import TransactionFailed, TransactionSet
 from gateway.config import GatewayConfig
-from gateway.execution import Deadline, execute, failure_summary, send_within
+from gateway.execution import Deadline, execute, failure_summary, log_call, send_within
 from gateway.metrics import GatewayMetrics
 from gateway.model import (
     BatchOutcome,
@@ -121,7 +122,9 @@ class AtomicRun:
             if failure is not None:
                 return failure
             await self._journal.step_intent(self.batch_id, planned.position, intent)
+        started = time.perf_counter()
         outcome = await send_within(self._pool, call, self._deadline)
+        log_call(planned, outcome, started)
         await self._record(planned.position, step, intent, outcome)
         return outcome
 
