@@ -1,0 +1,144 @@
+"""Encoding a BatchReport's result tree into the JSON BatchResponse document and its bytes.
+
+Owns the json/text/base64 body rules (from Content-Type and charset) and the header grouping.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+
+from gateway.formats._strict_json import _MISSING, MAX_JSON_DEPTH, _loads, _nesting_depth, _NotJson
+from gateway.model import CallFailure, Headers, ItemResult, ResultNode, Skipped, SubResponse
+
+_TEXT_TYPES = frozenset(
+    {
+        "application/xml",
+        "application/javascript",
+        "application/ecmascript",
+        "application/x-www-form-urlencoded",
+        "application/yaml",
+        "application/x-yaml",
+        "application/x-ndjson",
+        "application/graphql",
+        "application/sql",
+    }
+)
+_UTF8_CHARSETS = frozenset({"utf-8", "utf8", "us-ascii", "ascii"})
+
+
+def _encode_node(node: ResultNode) -> dict[str, object]:
+    if isinstance(node, ItemResult):
+        return {"SingleItem": _encode_item(node)}
+    return {"Batch": {"items": [_encode_node(child) for child in node.items]}}
+
+
+def _encode_item(item: ItemResult) -> dict[str, object]:
+    outcome = item.outcome
+    key = "Skipped" if isinstance(outcome, Skipped) else "Result"
+    if isinstance(outcome, Skipped):
+        fields: dict[str, object] = {"reason": outcome.reason}
+    elif isinstance(outcome, CallFailure):
+        fields = _failure_fields(outcome)
+    else:
+        fields = _response_fields(outcome)
+    if item.rollback is not None:
+        fields["rollback"] = item.rollback.value
+        if item.rollback_detail:
+            fields["rollback_detail"] = item.rollback_detail
+    return {key: fields}
+
+
+def _response_fields(response: SubResponse) -> dict[str, object]:
+    body, encoding = _encode_body(response.body, response.headers)
+    return {
+        "status": response.status,
+        "body": body,
+        "body_encoding": encoding,
+        "headers": _encode_headers(response.headers),
+    }
+
+
+def _failure_fields(failure: CallFailure) -> dict[str, object]:
+    fields: dict[str, object] = {
+        "status": failure.status,
+        "body": {"error": failure.reason},
+        "body_encoding": "json",
+        "gateway_error": True,
+    }
+    if failure.maybe_executed:
+        fields["maybe_executed"] = True
+    return fields
+
+
+def _encode_headers(headers: Headers) -> dict[str, str | list[str]]:
+    """Lowercase name -> value, or -> list of values in order when the header repeats."""
+    grouped: dict[str, list[str]] = {}
+    for name, value in headers:
+        grouped.setdefault(name.lower(), []).append(value)
+    return {name: values[0] if len(values) == 1 else values for name, values in grouped.items()}
+
+
+def _encode_body(body: bytes, headers: Headers) -> tuple[object, str]:
+    """The body as JSON value, text or base64, and which one it is (`body_encoding`).
+
+    JSON: a JSON media type (application/json, */*+json) whose bytes parse as strict JSON.
+    Text: valid UTF-8 whose type is absent, text/*, a JSON type that did not parse, */*+xml, or one
+    of `_TEXT_TYPES`, and whose charset (if given) is UTF-8 or ASCII. Everything else, including
+    application/octet-stream, images and unknown vendor types, is base64: lossless when in doubt.
+    """
+    if not body:
+        return None, "empty"
+    media_type, charset = _content_type(headers)
+    if _is_json_type(media_type):
+        value = _json_body(body)
+        if value is not _MISSING:
+            return value, "json"
+    if _is_text_type(media_type) and (charset is None or charset in _UTF8_CHARSETS):
+        try:
+            return body.decode("utf-8"), "text"
+        except UnicodeDecodeError:
+            pass
+    return base64.b64encode(body).decode("ascii"), "base64"
+
+
+def _content_type(headers: Headers) -> tuple[str | None, str | None]:
+    """The first Content-Type's media type and charset, lowercased; None when absent or empty."""
+    value = next((value for name, value in headers if name.lower() == "content-type"), "")
+    media_type, *params = (part.strip().lower() for part in value.split(";"))
+    charsets = [param[8:].strip('"') for param in params if param.startswith("charset=")]
+    return media_type or None, charsets[0] if charsets else None
+
+
+def _is_json_type(media_type: str | None) -> bool:
+    return media_type is not None and (
+        media_type == "application/json" or media_type.endswith("+json")
+    )
+
+
+def _is_text_type(media_type: str | None) -> bool:
+    if media_type is None or media_type.startswith("text/") or _is_json_type(media_type):
+        return True
+    return media_type in _TEXT_TYPES or media_type.endswith("+xml")
+
+
+def _json_body(body: bytes) -> object:
+    """The parsed upstream body, or `_MISSING` when it is not strict, unambiguous, shallow JSON."""
+    try:
+        text = body.decode("utf-8")
+        if _nesting_depth(body, MAX_JSON_DEPTH // 2) > MAX_JSON_DEPTH // 2:
+            return _MISSING
+        value, repeated = _loads(text)
+    except (UnicodeDecodeError, _NotJson):
+        return _MISSING
+    return _MISSING if repeated else value
+
+
+def _dump(document: dict[str, object]) -> bytes:
+    text = json.dumps(document, ensure_ascii=False, separators=(",", ":"))
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate (an upstream's "\ud800" escape, a surrogate-escaped header byte) has no
+        # UTF-8 form; it becomes U+FFFD rather than failing the whole batch's answer.
+        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace").encode("utf-8")
