@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
 import time
@@ -115,11 +116,15 @@ async def metrics(request: web.Request) -> web.Response:
     return response
 
 
+@functools.cache
+def _openapi_template() -> str:
+    return resources.files("gateway.schemas").joinpath("gateway_openapi.json").read_text()
+
+
 async def openapi(request: web.Request) -> web.Response:
     request[KIND] = "gateway"
     gateway = request.app[GATEWAY]
-    text = resources.files("gateway.schemas").joinpath("gateway_openapi.json").read_text()
-    doc = json.loads(text)
+    doc = json.loads(_openapi_template())
     cfg = gateway.config
     paths = doc["paths"]
     paths[cfg.batch.json_endpoint.path] = paths.pop("/batch/v1")

@@ -74,6 +74,7 @@ class AtomicRun:
         self.machine = BatchStateMachine()
         self.records: dict[int, CallRecord] = {}
         self.abort_reason: str | None = None
+        self._tx_errors: dict[str, str | None] = {}
         self._seq = itertools.count(1)
 
     async def run(self) -> BatchReport:
