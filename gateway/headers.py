@@ -8,10 +8,10 @@ from __future__ import annotations
 import secrets
 from collections.abc import Iterable
 
-from multidict import CIMultiDict, MultiMapping, istr
+from multidict import CIMultiDict, MultiMapping
 
 HOP_BY_HOP = frozenset(
-    istr(name)
+    name.lower()
     for name in (
         "Connection",
         "Keep-Alive",
@@ -34,7 +34,7 @@ def connection_listed(headers: MultiMapping[str]) -> set[str]:
 
 def is_hop_by_hop(name: str, listed: set[str]) -> bool:
     lower = name.lower()
-    return istr(name) in HOP_BY_HOP or lower.startswith("proxy-") or lower in listed
+    return lower in HOP_BY_HOP or lower.startswith("proxy-") or lower in listed
 
 
 def end_to_end(headers: MultiMapping[str], *, drop: Iterable[str] = ()) -> CIMultiDict[str]:
