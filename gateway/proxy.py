@@ -5,11 +5,11 @@ Bodies are streamed chunk by chunk both ways; hop-by-hop headers are dropped, fo
 
 from __future__ import annotations
 
+import aiohttp
 import structlog
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway.errors import UpstreamError
 from gateway.headers import add_forwarding, end_to_end
 from gateway.routing import parse_target
 from gateway.runtime import GATEWAY, REQUEST_ID, UPSTREAM
@@ -47,13 +47,31 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         response.headers.extend(end_to_end(upstream_response.headers))
         response.headers["X-Request-ID"] = request[REQUEST_ID]
         await response.prepare(request)
-        try:
-            async for chunk in upstream_response.content.iter_chunked(_CHUNK):
-                await response.write(chunk)
-        except UpstreamError as exc:
-            log.warning("upstream_stream_broken", upstream=routed.upstream, error=exc.detail)
-            if request.transport is not None:
-                request.transport.close()
-            return response
-        await response.write_eof()
+        if await _relay(upstream_response, response, routed.upstream):
+            await response.write_eof()
+        elif request.transport is not None:
+            request.transport.close()  # the client must see a truncated body, not a complete one
     return response
+
+
+async def _relay(
+    source: aiohttp.ClientResponse, response: web.StreamResponse, upstream: str
+) -> bool:
+    """Copy the body chunk by chunk; False when either side broke off (already logged).
+
+    Reads and writes are told apart so that a client that goes away is never blamed on the
+    upstream, and an upstream that breaks mid-body is never reported as a client problem.
+    """
+    while True:
+        try:
+            chunk = await source.content.read(_CHUNK)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("upstream_stream_broken", upstream=upstream, error=type(exc).__name__)
+            return False
+        if not chunk:
+            return True
+        try:
+            await response.write(chunk)
+        except ConnectionError:
+            log.info("client_disconnected", upstream=upstream)
+            return False
