@@ -200,9 +200,11 @@ def stop(proc: subprocess.Popen[Any] | None) -> None:
         proc.wait(5)
 
 
-def gateway_config(port: int, upstreams: dict[str, str], journal: str) -> dict[str, Any]:
+def gateway_config(
+    port: int, upstreams: dict[str, str], journal: str, workers: int = 1
+) -> dict[str, Any]:
     return {
-        "listen": {"host": HOST, "port": port},
+        "listen": {"host": HOST, "port": port, "workers": workers},
         "upstreams": {
             # figure 1 sends 100 calls at once: the per-upstream bound must not serialise them
             "fast": {"url": upstreams["fast"], "concurrency": 200, "pool_size": 200},
@@ -236,8 +238,13 @@ class Stack:
     extra: list[subprocess.Popen[Any]] = field(default_factory=list)
 
     def gw_cpu(self) -> float:
-        times = self.gw.cpu_times()
-        return float(times.user + times.system)
+        """CPU seconds of the gateway: its process plus its worker processes (listen.workers)."""
+        total = 0.0
+        for proc in [self.gw, *self.gw.children(recursive=True)]:
+            with suppress(psutil.NoSuchProcess):
+                times = proc.cpu_times()
+                total += times.user + times.system
+        return total
 
 
 _UVLOOP_LAUNCH = (
@@ -254,7 +261,7 @@ def gateway_command(log_level: str, config: Path, uvloop: bool) -> list[str]:
 
 
 @contextmanager
-def stack(log_level: str, uvloop: bool = False) -> Iterator[Stack]:
+def stack(log_level: str, uvloop: bool = False, workers: int = 1) -> Iterator[Stack]:
     tmp = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
     procs: list[subprocess.Popen[Any]] = []
     load: LoadGen | None = None
@@ -270,7 +277,8 @@ def stack(log_level: str, uvloop: bool = False) -> Iterator[Stack]:
         urls = json.loads(line)
         port = free_port()
         config = tmp / "gateway.yaml"
-        config.write_text(yaml.safe_dump(gateway_config(port, urls, str(tmp / "journal.sqlite3"))))
+        journal = str(tmp / "journal.sqlite3")
+        config.write_text(yaml.safe_dump(gateway_config(port, urls, journal, workers)))
         with open(tmp / "gateway.log", "wb") as log:
             gateway = subprocess.Popen(
                 gateway_command(log_level, config, uvloop), stdout=log, stderr=subprocess.STDOUT, cwd=tmp
@@ -796,6 +804,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--gateway-log-level", default="INFO",
                         help="the gateway's --log-level (INFO: one access-log line per request)")
     parser.add_argument("--output", default=str(RESULTS), help="markdown file for the results")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="gateway worker processes (listen.workers); figure 6 samples the "
+                        "supervisor's RSS only, so run it with 1")
     parser.add_argument("--uvloop", action="store_true",
                         help="run the gateway process on uvloop (must be importable)")
     parser.add_argument("--py-spy", default=None, metavar="DIR",
@@ -820,7 +831,7 @@ def main(argv: list[str] | None = None) -> int:
         5: lambda st: figure5(st, sizes, report, install=not args.no_install),
         6: lambda st: figure6(st, sizes, report),
     }
-    with stack(args.gateway_log_level, args.uvloop) as st:
+    with stack(args.gateway_log_level, args.uvloop, args.workers) as st:
         for number in sorted(only):
             progress(f"figure {number} ...")
             with profiled(st, args.py_spy, number):
@@ -845,7 +856,7 @@ def render(report: Report, sizes: Sizes, args: argparse.Namespace, elapsed: floa
         f"{elapsed:.0f} s in all.",
         f"Machine: {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, "
         f"Python {platform.python_version()}, aiohttp {aiohttp.__version__}; gateway log level "
-        f"{args.gateway_log_level}{', on uvloop' if args.uvloop else ''}. "
+        f"{args.gateway_log_level}{', on uvloop' if args.uvloop else ''}, {args.workers} worker(s). "
         "Upstream, gateway and load generator are separate processes.",
         "",
         report.table(),

@@ -173,9 +173,13 @@ def _warn_reserved(config: GatewayConfig) -> None:
             )
 
 
-def create_app(config: GatewayConfig) -> web.Application:
-    """The whole gateway as an aiohttp application (upstream sessions open on start-up)."""
+def create_app(config: GatewayConfig, *, recover: bool = True) -> web.Application:
+    """The whole gateway as an aiohttp application (upstream sessions open on start-up).
+
+    `recover=False` is for worker processes: their supervisor recovered before starting them.
+    """
     gateway = build_gateway(config)
+    gateway.extras["recover_on_start"] = recover
     app = web.Application(middlewares=[request_context])
     app[GATEWAY] = gateway
     prefix = config.gateway.prefix
@@ -197,12 +201,13 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await gateway.pool.start()
     await gateway.batches.journal.open()
     try:
-        outcomes = await Recovery(
-            gateway.config, gateway.routes, gateway.pool, gateway.batches.journal
-        ).run()
+        if gateway.extras["recover_on_start"]:
+            outcomes = await Recovery(
+                gateway.config, gateway.routes, gateway.pool, gateway.batches.journal
+            ).run()
+            if outcomes:
+                log.warning("recovery_done", batches={k: v.value for k, v in outcomes.items()})
         gateway.extras["recovered"] = True
-        if outcomes:
-            log.warning("recovery_done", batches={k: v.value for k, v in outcomes.items()})
         pruner = asyncio.create_task(_prune_periodically(gateway))
         yield
         pruner.cancel()

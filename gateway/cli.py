@@ -32,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the gateway")
     serve.add_argument("--config", required=True)
+    serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     check = commands.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("file")
     recover = commands.add_parser("recover", help="roll back unfinished atomic batches and exit")
@@ -58,6 +59,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.config)
         if args.command == "recover":
             return asyncio.run(_recover(config))
+        if args.worker:
+            asyncio.run(serve(config, recover=False, reuse_port=True))
+            return 0
+        if config.listen.workers > 1:
+            return _supervise(config, args)
         asyncio.run(serve(config))
         return 0
     except ConfigError as exc:
@@ -76,11 +82,12 @@ async def _wait_for_stop() -> None:
     await stop.wait()
 
 
-async def serve(config: GatewayConfig) -> None:
+async def serve(config: GatewayConfig, *, recover: bool = True, reuse_port: bool = False) -> None:
     """Serve until SIGTERM/SIGINT, then stop accepting and let in-flight requests finish."""
-    runner = web.AppRunner(create_app(config), access_log=None, shutdown_timeout=config.shutdown_grace)
+    app = create_app(config, recover=recover)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.shutdown_grace)
     await runner.setup()
-    site = web.TCPSite(runner, config.listen.host, config.listen.port)
+    site = web.TCPSite(runner, config.listen.host, config.listen.port, reuse_port=reuse_port or None)
     await site.start()
     log.info("listening", host=config.listen.host, port=config.listen.port)
     try:
@@ -89,6 +96,13 @@ async def serve(config: GatewayConfig) -> None:
     finally:
         await runner.cleanup()
     log.info("stopped")
+
+
+def _supervise(config: GatewayConfig, args: argparse.Namespace) -> int:
+    from gateway.workers import Supervisor, worker_command
+
+    log_args = ["--log-level", args.log_level] + (["--log-json"] if args.log_json else [])
+    return Supervisor(config, worker_command(args.config, log_args)).run()
 
 
 async def _recover(config: GatewayConfig) -> int:

@@ -36,6 +36,8 @@ Path_ = Annotated[str, Field(min_length=1)]
 class Listen(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
+    workers: int = Field(1, ge=1, le=64)
+    """Worker processes sharing the port (SO_REUSEPORT); 1 serves from the main process."""
 
 
 class Timeouts(_Strict):

@@ -97,6 +97,7 @@ class SqliteJournal:
         self._db = await aiosqlite.connect(self._path)
         if self._path != ":memory:":
             os.chmod(self._path, 0o600)  # it holds the forwarded headers (credentials) of open batches
+        await self._db.execute("PRAGMA busy_timeout=5000")  # worker processes share the file
         await self._db.execute("PRAGMA journal_mode=WAL")
         await self._db.execute("PRAGMA synchronous=FULL")
         await self._db.executescript(_SCHEMA)
