@@ -32,6 +32,7 @@ class Supervisor:
         self._workers: list[subprocess.Popen[bytes]] = []
         self._stopping = False
         self._failed = False
+        self._kill_at: float | None = None
 
     def run(self) -> int:
         outcomes = asyncio.run(recover_once(self._config))
@@ -43,11 +44,14 @@ class Supervisor:
         log.info("workers_started", pids=[w.pid for w in self._workers])
         while any(worker.poll() is None for worker in self._workers):
             self._check_for_dead_workers()
+            self._kill_stragglers()
             time.sleep(_POLL)
         log.info("workers_stopped", failed=self._failed)
         return 1 if self._failed else 0
 
     def _forward(self, signum: int, frame: FrameType | None) -> None:
+        if self._kill_at is None:
+            self._kill_at = time.monotonic() + self._config.shutdown_grace + 5
         self._stopping = True
         for worker in self._workers:
             if worker.poll() is None:
@@ -61,6 +65,16 @@ class Supervisor:
             log.error("worker_died", pids=[w.pid for w in dead], codes=[w.returncode for w in dead])
             self._failed = True
             self._forward(signal.SIGTERM, None)
+
+
+    def _kill_stragglers(self) -> None:
+        """A worker still running well past the shutdown grace is killed, not waited for."""
+        if self._kill_at is not None and time.monotonic() > self._kill_at:
+            for worker in self._workers:
+                if worker.poll() is None:
+                    log.error("worker_killed_after_grace", pid=worker.pid)
+                    worker.kill()
+                    self._failed = True
 
 
 def worker_command(config_path: str, log_args: Sequence[str]) -> list[str]:
