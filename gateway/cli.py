@@ -108,8 +108,10 @@ def _supervise(config: GatewayConfig, args: argparse.Namespace) -> int:
 async def _recover(config: GatewayConfig) -> int:
     from gateway.atomicity.recovery import recover_once
 
-    report = await recover_once(config)
-    print(report)
+    outcomes = await recover_once(config)
+    for batch_id, state in outcomes.items():
+        print(f"{batch_id}: {state.value}")
+    print(f"recovered {len(outcomes)} unfinished batch(es)")
     return 0
 
 
