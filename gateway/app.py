@@ -202,11 +202,14 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await gateway.batches.journal.open()
     try:
         if gateway.extras["recover_on_start"]:
-            outcomes = await Recovery(
+            report = await Recovery(
                 gateway.config, gateway.routes, gateway.pool, gateway.batches.journal
             ).run()
-            if outcomes:
-                log.warning("recovery_done", batches={k: v.value for k, v in outcomes.items()})
+            if report.outcomes:
+                log.warning("recovery_done", batches={k: v.value for k, v in report.outcomes.items()})
+            for batch_id, reason in report.needs_operator.items():
+                log.error("batch_needs_operator", batch_id=batch_id, reason=reason,
+                          hint=f"gateway batches show {batch_id}")
         gateway.extras["recovered"] = True
         pruner = asyncio.create_task(_prune_periodically(gateway))
         yield

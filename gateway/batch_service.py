@@ -11,7 +11,7 @@ import secrets
 import structlog
 
 from gateway.atomicity.coordinator import AtomicRun
-from gateway.atomicity.journal import Journal, SqliteJournal
+from gateway.atomicity.journal import Journal, open_journal
 from gateway.atomicity.plan import plan_atomicity
 from gateway.config import GatewayConfig
 from gateway.execution import Deadline, execute, plain_runner
@@ -43,7 +43,7 @@ class BatchService:
         self._routes = routes
         self._pool = pool
         self._metrics = metrics
-        self.journal: Journal = journal or SqliteJournal(config.journal.path)
+        self.journal: Journal = journal or open_journal(config)
         self.planner = Planner(routes)
         self._in_flight: set[asyncio.Task[BatchReport]] = set()
 

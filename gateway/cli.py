@@ -1,4 +1,4 @@
-"""The `gateway` command: serve, check-config, recover and demo.
+"""The `gateway` command: serve, check-config, recover, batches and demo.
 
 Config errors print one message (file, key path, problem) and exit 2, never a traceback.
 """
@@ -16,9 +16,10 @@ from pathlib import Path
 import structlog
 from aiohttp import web
 
+from gateway import operator_commands
 from gateway.app import create_app
 from gateway.config import GatewayConfig, load_config
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, JournalUnavailable
 from gateway.log import configure_logging
 
 EXIT_CONFIG = 2
@@ -35,8 +36,24 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     check = commands.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("file")
-    recover = commands.add_parser("recover", help="roll back unfinished atomic batches and exit")
+    recover = commands.add_parser(
+        "recover", help="roll back unfinished atomic batches and exit (3: some need an operator)"
+    )
     recover.add_argument("--config", required=True)
+    batches = commands.add_parser("batches", help="atomic batches in the journal, for operators")
+    batch_commands = batches.add_subparsers(dest="batches_command", required=True)
+    listing = batch_commands.add_parser("list", help="batches needing an operator (--all: every batch)")
+    listing.add_argument("--all", action="store_true")
+    for name, text in (("show", "one batch: its calls, undos and what is left (no secrets)"),
+                       ("retry", "run the rollback of one batch again"),
+                       ("resolve", "mark a batch dealt with by hand")):
+        sub = batch_commands.add_parser(name, help=text)
+        sub.add_argument("batch_id")
+        if name == "resolve":
+            sub.add_argument("--note", required=True, help="what was done (kept in the journal)")
+    for sub in (listing, *batch_commands.choices.values()):
+        if not any(a.dest == "config" for a in sub._actions):
+            sub.add_argument("--config", required=True)
     demo = commands.add_parser("demo", help="run the gateway with two built-in demo upstreams")
     demo.add_argument("--port", type=int, default=8080)
     demo.add_argument("--legacy-port", type=int, default=0)
@@ -58,7 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         config = load_config(args.config)
         if args.command == "recover":
-            return asyncio.run(_recover(config))
+            return asyncio.run(operator_commands.recover(config))
+        if args.command == "batches":
+            return asyncio.run(_batches(config, args))
         if args.worker:
             asyncio.run(serve(config, recover=False, reuse_port=True))
             return 0
@@ -69,6 +88,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"gateway: invalid config: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except JournalUnavailable as exc:
+        print(f"gateway: journal unavailable: {exc.detail}", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(f"gateway: cannot start: {exc}", file=sys.stderr)
         return 1
@@ -105,14 +127,15 @@ def _supervise(config: GatewayConfig, args: argparse.Namespace) -> int:
     return Supervisor(config, worker_command(args.config, log_args)).run()
 
 
-async def _recover(config: GatewayConfig) -> int:
-    from gateway.atomicity.recovery import recover_once
-
-    outcomes = await recover_once(config)
-    for batch_id, state in outcomes.items():
-        print(f"{batch_id}: {state.value}")
-    print(f"recovered {len(outcomes)} unfinished batch(es)")
-    return 0
+async def _batches(config: GatewayConfig, args: argparse.Namespace) -> int:
+    command = args.batches_command
+    if command == "list":
+        return await operator_commands.list_batches(config, everything=args.all)
+    if command == "show":
+        return await operator_commands.show(config, args.batch_id)
+    if command == "retry":
+        return await operator_commands.retry(config, args.batch_id)
+    return await operator_commands.resolve(config, args.batch_id, args.note)
 
 
 async def _demo(args: argparse.Namespace) -> None:

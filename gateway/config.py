@@ -6,6 +6,7 @@ An invalid file raises ConfigError naming the file, the key path and the problem
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -13,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from yarl import URL
 
+from gateway.atomicity.templates import TemplateError, check_template, path_params, undo_names
 from gateway.errors import ConfigError
 from gateway.model import BatchLimits
 
@@ -200,9 +202,41 @@ class BatchConfig(_Strict):
     rollback: Rollback = Rollback()
 
 
+DEFAULT_SENSITIVE_HEADERS = ("Authorization", "Cookie", "Proxy-Authorization")
+_TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
 class Journal(_Strict):
     path: str = "gateway-journal.sqlite3"
     retention_hours: float = Field(168.0, gt=0)
+    sensitive_headers: tuple[str, ...] = ()
+    """Besides DEFAULT_SENSITIVE_HEADERS: kept apart, erased once a batch is final, encrypted at rest
+    when a key is set; also what counts as a call's credentials on a transactional upstream."""
+    key_env: str | None = None
+    """Name of an environment variable holding the Fernet key that encrypts sensitive headers."""
+    key_file: str | None = None
+    """Or a file holding that key (one line)."""
+    max_batch_bytes: int = Field(32 * 1024 * 1024, ge=4096)
+    """What one atomic batch may write to the journal (intents, snapshots, outcomes)."""
+
+    @field_validator("sensitive_headers")
+    @classmethod
+    def _header_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for name in value:
+            if not _TOKEN_RE.match(name):
+                raise ValueError(f"{name!r} is not a header name")
+        return value
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> Journal:
+        if self.key_env is not None and self.key_file is not None:
+            raise ValueError("give at most one of key_env and key_file")
+        return self
+
+    @property
+    def sensitive(self) -> frozenset[str]:
+        """Lower-case names of the headers treated as secrets."""
+        return frozenset(name.lower() for name in (*DEFAULT_SENSITIVE_HEADERS, *self.sensitive_headers))
 
 
 class GatewayEndpoints(_Strict):
@@ -228,6 +262,7 @@ class GatewayConfig(_Strict):
     @model_validator(mode="after")
     def _cross_checks(self) -> GatewayConfig:
         _check_routes(self)
+        _check_templates(self)
         return self
 
 
@@ -271,6 +306,40 @@ def _check_routes(config: GatewayConfig) -> None:
                     "one of them could never be reached",
                 )
             seen[(route.prefix, method)] = index
+
+
+def _check_templates(config: GatewayConfig) -> None:
+    """Compile match paths and check every placeholder at load, not when a batch needs the rule."""
+    for name, upstream in config.upstreams.items():
+        for index, rule in enumerate(upstream.compensations):
+            _check_rule(rule, f"upstreams.{name}.compensations.{index}")
+        if upstream.transactions is not None:
+            _check_transaction_calls(upstream.transactions, f"upstreams.{name}.transactions")
+
+
+def _check_rule(rule: CompensationRule, key: str) -> None:
+    try:
+        params = path_params(rule.path)
+    except TemplateError as exc:
+        raise _KeyedError(f"{key}.path", str(exc)) from None
+    allowed = undo_names(params, snapshot=rule.snapshot is not None)
+    _check_call(rule.undo, f"{key}.undo", allowed)
+    if rule.snapshot is not None:
+        _check_call(rule.snapshot, f"{key}.snapshot", [f"path.{param}" for param in params])
+
+
+def _check_transaction_calls(settings: Transactions, key: str) -> None:
+    _check_call(settings.begin, f"{key}.begin", ["timeout"])
+    _check_call(settings.commit, f"{key}.commit", ["token"])
+    _check_call(settings.rollback, f"{key}.rollback", ["token"])
+
+
+def _check_call(call: CallTemplate, key: str, allowed: Sequence[str]) -> None:
+    for field, template in (("path", call.path), ("body", call.body)):
+        try:
+            check_template(template, allowed)
+        except TemplateError as exc:
+            raise _KeyedError(f"{key}.{field}", str(exc)) from None
 
 
 class _KeyedError(ValueError):

@@ -65,6 +65,13 @@ class Uncompensable(ClientError):
     type_suffix = "uncompensable"
 
 
+class MixedCredentials(Uncompensable):
+    """An atomic batch whose calls to one transactional upstream carry different credentials."""
+
+    title = "Mixed credentials in one upstream transaction"
+    type_suffix = "mixed-credentials"
+
+
 class RouteNotFound(ClientError):
     status = 404
     title = "No route"
@@ -91,6 +98,14 @@ class UpstreamTimeout(UpstreamError):
     status = 504
     title = "Gateway timeout"
     type_suffix = "upstream-timeout"
+
+
+class JournalUnavailable(GatewayError):
+    """The journal could not be written (disk full, read-only): no atomic batch can start."""
+
+    status = 503
+    title = "Journal unavailable"
+    type_suffix = "journal-unavailable"
 
 
 class ShuttingDown(GatewayError):

@@ -55,17 +55,19 @@ def inheritable(outer: MultiMapping[str]) -> CIMultiDict[str]:
     )
 
 
-def inherit(base: CIMultiDict[str], own: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
-    """Outer headers overlaid with a sub-request's own: a name it sets replaces all outer values.
-
-    The sub-request's own framing (Content-Length, Transfer-Encoding) is dropped: the client
-    session frames the body it sends.
-    """
-    own = [
+def own_headers(own: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """A sub-request's own headers as sent: without hop-by-hop headers, Host and its framing
+    (Content-Length, Transfer-Encoding), since the client session frames the body it sends."""
+    return [
         (k, v)
         for k, v in own
         if not is_hop_by_hop(k, set()) and k.lower() not in ("host", "content-length")
     ]
+
+
+def inherit(base: CIMultiDict[str], own: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
+    """Outer headers overlaid with a sub-request's own: a name it sets replaces all outer values."""
+    own = own_headers(own)
     merged = base.copy()
     for name in {k.lower() for k, _ in own}:
         merged.popall(name, None)

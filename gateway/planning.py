@@ -12,8 +12,8 @@ from urllib.parse import unquote_plus
 from multidict import CIMultiDict
 
 from gateway.errors import MalformedBatch
-from gateway.headers import add_forwarding, inherit, inheritable
-from gateway.model import Batch, ExecutionMode, Item, SubRequest
+from gateway.headers import add_forwarding, inherit, inheritable, own_headers
+from gateway.model import Batch, ExecutionMode, Headers, Item, SubRequest
 from gateway.routing import RouteTable, Target, parse_target
 from gateway.upstream import UpstreamCall
 
@@ -39,6 +39,10 @@ class PlannedCall:
     call: UpstreamCall
     upstream_path: str
     """Path on the upstream relative to its base URL: what compensation rules match."""
+    scope: str = ""
+    """The part of the upstream the route reaches (see RoutedTarget.scope): undo targets stay in it."""
+    own_headers: Headers = ()
+    """The sub-request's own headers as sent (after filtering); the rest is inherited from the batch."""
 
     @property
     def where(self) -> str:
@@ -63,6 +67,8 @@ PlanNode = PlannedCall | PlannedBatch
 class BatchPlan:
     root: PlanNode
     calls: tuple[PlannedCall, ...]
+    base_headers: Headers = ()
+    """What every sub-request inherits (outer headers plus forwarding headers), stored once."""
 
 
 def merge_query(outer: str, own: str) -> str:
@@ -108,7 +114,7 @@ class Planner:
         )
         calls: list[PlannedCall] = []
         root = self._node(item, base, outer.raw_query, calls)
-        return BatchPlan(root=root, calls=tuple(calls))
+        return BatchPlan(root=root, calls=tuple(calls), base_headers=tuple(base.items()))
 
     def _node(
         self, item: Item, base: CIMultiDict[str], query: str, calls: list[PlannedCall]
@@ -127,7 +133,8 @@ class Planner:
         target = parse_target(request.target, request.where)
         target = Target(path=target.path, query=merge_query(query, target.query))
         routed = self._routes.route(request.method, target, request.where)
-        headers = inherit(base, request.headers)
+        own = own_headers(request.headers)
+        headers = inherit(base, own)
         call = UpstreamCall(
             upstream=routed.upstream,
             method=request.method,
@@ -136,5 +143,6 @@ class Planner:
             body=request.body,
         )
         return PlannedCall(
-            position=position, request=request, call=call, upstream_path=routed.path
+            position=position, request=request, call=call, upstream_path=routed.path,
+            scope=routed.scope, own_headers=tuple(own),
         )

@@ -33,6 +33,13 @@ class RoutedTarget:
     path: str
     """The path on the upstream, relative to its base URL (what compensation rules match)."""
 
+    @property
+    def scope(self) -> str:
+        """The part of the upstream this route reaches, relative to its base URL ("" for all of it)."""
+        route = self.route
+        reached = "" if route.strip_prefix or route.prefix == "/" else route.prefix
+        return (route.add_prefix + reached).rstrip("/")
+
 
 def parse_target(target: str, where: str | None = None) -> Target:
     """Check a client-supplied target is origin-form and does not escape its route."""
@@ -105,6 +112,10 @@ class RouteTable:
 
     def _url(self, upstream: str, path: str, target: Target) -> URL:
         return self.upstream_url(upstream, Target(path=path, query=target.query))
+
+    def base_path(self, upstream: str) -> str:
+        """The raw path of the upstream's configured URL ("" when it is the root)."""
+        return self._upstreams[upstream].raw_path.rstrip("/")
 
     def upstream_url(self, upstream: str, target: Target) -> URL:
         """A URL on a named upstream; also for gateway-made calls (transactions, undo, snapshot)."""

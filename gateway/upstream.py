@@ -39,7 +39,11 @@ class UpstreamCall:
 
 @contextmanager
 def translate_errors(upstream: str) -> Iterator[None]:
-    """Turn aiohttp client errors into the gateway's own, most specific first."""
+    """Turn aiohttp client errors into the gateway's own, most specific first.
+
+    A ValueError (aiohttp.InvalidURL is one) is raised while the request is built, before a byte
+    is written: that call was not executed.
+    """
     try:
         yield
     except aiohttp.ConnectionTimeoutError as exc:
@@ -50,6 +54,10 @@ def translate_errors(upstream: str) -> Iterator[None]:
         ) from exc
     except aiohttp.ClientConnectorError as exc:
         raise UpstreamUnavailable(f"upstream {upstream!r} is unreachable: {exc.os_error}") from exc
+    except ValueError as exc:  # aiohttp refused to build the request (URL, header): nothing was sent
+        raise UpstreamError(
+            f"the gateway refused to send a call to upstream {upstream!r}: {str(exc)[:200]}"
+        ) from exc
     except aiohttp.ClientError as exc:
         raise UpstreamUnavailable(
             f"connection to upstream {upstream!r} failed: {type(exc).__name__}",

@@ -16,7 +16,7 @@ from types import FrameType
 
 import structlog
 
-from gateway.atomicity.recovery import recover_once
+from gateway.atomicity.recovery import with_recovery
 from gateway.config import GatewayConfig
 
 log = structlog.get_logger("gateway.workers")
@@ -35,9 +35,11 @@ class Supervisor:
         self._kill_at: float | None = None
 
     def run(self) -> int:
-        outcomes = asyncio.run(recover_once(self._config))
-        if outcomes:
-            log.warning("recovery_done", batches={k: v.value for k, v in outcomes.items()})
+        report = asyncio.run(with_recovery(self._config))
+        if report.outcomes:
+            log.warning("recovery_done", batches={k: v.value for k, v in report.outcomes.items()})
+        for batch_id, reason in report.needs_operator.items():
+            log.error("batch_needs_operator", batch_id=batch_id, reason=reason)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._forward)
         self._workers = [subprocess.Popen(self._command) for _ in range(self._config.listen.workers)]

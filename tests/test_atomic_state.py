@@ -26,6 +26,7 @@ from gateway.atomicity.state import (
     BatchStateMachine,
     IllegalTransition,
 )
+from gateway.errors import JournalUnavailable
 
 S = BatchState
 
@@ -42,6 +43,15 @@ ALLOWED = {
     (S.COMPENSATING, S.ROLLED_BACK),
     (S.COMPENSATING, S.ROLLBACK_INCOMPLETE),
 }
+# An operator (gateway batches retry|resolve) may retry a rollback_incomplete batch, or mark any
+# batch that is not committed or rolled back as resolved by hand.
+OPERATOR = {
+    (S.ROLLBACK_INCOMPLETE, S.COMPENSATING),
+    *((src, S.RESOLVED) for src in (
+        S.PLANNED, S.RUNNING, S.COMMITTING, S.COMPENSATING, S.ROLLBACK_INCOMPLETE
+    )),
+}
+ALLOWED |= OPERATOR
 ALL_PAIRS = list(itertools.product(BatchState, BatchState))
 
 
@@ -51,11 +61,11 @@ def test_the_table_in_the_code_is_the_table_in_the_spec() -> None:
     assert in_code == ALLOWED
 
 
-def test_final_states_are_exactly_the_three_outcomes_and_lead_nowhere() -> None:
-    assert {S.COMMITTED, S.ROLLED_BACK, S.ROLLBACK_INCOMPLETE} == FINAL_STATES
+def test_final_states_are_the_three_outcomes_and_resolved_and_lead_nowhere_on_their_own() -> None:
+    assert {S.COMMITTED, S.ROLLED_BACK, S.ROLLBACK_INCOMPLETE, S.RESOLVED} == FINAL_STATES
     for state in BatchState:
         assert state.final == (state in FINAL_STATES)
-        assert state.final == (not any(src is state for src, _ in ALLOWED))
+        assert state.final == (not any(src is state for src, _ in ALLOWED - OPERATOR))
 
 
 def test_a_new_machine_starts_planned() -> None:
@@ -218,13 +228,16 @@ async def test_unfinished_lists_exactly_the_batches_not_in_a_final_state_oldest_
     assert len(full.steps) == 2 and len(full.transactions) == 1
 
 
-async def test_prune_deletes_only_finished_batches_older_than_the_retention(
+async def test_prune_deletes_only_settled_batches_older_than_the_retention(
     journal: SqliteJournal,
 ) -> None:
+    """Committed, rolled back and resolved batches are pruned; a rollback_incomplete one stays until
+    an operator resolves it (it is what `gateway batches list` shows)."""
     for batch_id, state in [("old-ok", S.COMMITTED), ("old-rb", S.ROLLED_BACK),
-                            ("old-ri", S.ROLLBACK_INCOMPLETE)]:
+                            ("old-ri", S.ROLLBACK_INCOMPLETE), ("old-incomplete", S.ROLLBACK_INCOMPLETE)]:
         await _write_a_running_batch(journal, batch_id)
         await journal.batch_state(batch_id, state)
+    await journal.resolve("old-ri", "fixed by hand")
     await _write_a_running_batch(journal, "old-running")
     await asyncio.sleep(0.05)
     await _write_a_running_batch(journal, "new-ok")
@@ -234,7 +247,7 @@ async def test_prune_deletes_only_finished_batches_older_than_the_retention(
     assert await journal.prune(0.03) == 3
     for gone in ("old-ok", "old-rb", "old-ri"):
         assert await journal.batch(gone) is None
-    kept = [await journal.batch(b) for b in ("old-running", "new-ok")]
+    kept = [await journal.batch(b) for b in ("old-running", "new-ok", "old-incomplete")]
     assert all(b is not None and len(b.steps) == 2 for b in kept)
     with sqlite3.connect(journal._path) as conn:  # no orphaned step or transaction rows
         orphans = conn.execute(
@@ -250,5 +263,5 @@ async def test_prune_deletes_only_finished_batches_older_than_the_retention(
 
 async def test_a_closed_journal_refuses_to_write(tmp_path: Path) -> None:
     closed = SqliteJournal(tmp_path / "journal.sqlite3")
-    with pytest.raises(RuntimeError, match="not open"):
+    with pytest.raises(JournalUnavailable, match="not open"):
         await closed.batch_state("b", S.PLANNED)

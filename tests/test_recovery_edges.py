@@ -33,24 +33,26 @@ async def test_a_batch_on_an_upstream_removed_from_the_config_is_kept_unfinished
     pool = UpstreamPool(config, max_response_bytes=1024)
     await pool.start()
     try:
-        outcomes = await Recovery(config, RouteTable(config), pool, journal).run()
+        report = await Recovery(config, RouteTable(config), pool, journal).run()
         unfinished = await journal.unfinished()
     finally:
         await pool.close()
         await journal.close()
-    assert outcomes == {}
+    assert report.outcomes == {}
+    assert "'gone'" in report.needs_operator["b1"] and not report.clean
     assert [(b.batch_id, b.state) for b in unfinished] == [("b1", BatchState.RUNNING)]
 
 
-def test_undo_calls_keep_credentials_but_not_conditionals_or_framing() -> None:
-    intent = {"headers": [
+def test_undo_calls_keep_credentials_but_not_conditionals_framing_or_encoding() -> None:
+    headers_in = [
         ["Authorization", "Bearer t"], ["If-Match", '"v1"'], ["If-None-Match", "*"],
         ["Content-Type", "text/plain"], ["Idempotency-Key", "b.0"], ["Range", "bytes=0-1"],
-        ["traceparent", "00-abc-def-01"],
-    ]}
-    headers = gateway_headers(intent, {"Idempotency-Key": "b.0.undo"})
+        ["traceparent", "00-abc-def-01"], ["Accept-Encoding", "gzip, br"],
+    ]
+    headers = gateway_headers(headers_in, {"Idempotency-Key": "b.0.undo"})
     assert headers == (
         ("Authorization", "Bearer t"),
         ("traceparent", "00-abc-def-01"),
+        ("Accept-Encoding", "identity"),
         ("Idempotency-Key", "b.0.undo"),
     )

@@ -1,4 +1,4 @@
 """Atomic batches: the state machine, the atomicity plan, transactions, compensations and the journal.
 
-`AtomicCoordinator` runs a planned batch all-or-nothing; `recover_once` rolls back what a crash left.
+`AtomicRun` runs a planned batch all-or-nothing; `Recovery` rolls back what a crash left.
 """

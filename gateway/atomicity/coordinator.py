@@ -7,19 +7,29 @@ from __future__ import annotations
 
 import base64
 import itertools
+import json
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, replace
 from typing import Any
 
 import structlog
 
-from gateway.atomicity.compensation import encode_response, snapshot_call
+from gateway.atomicity.compensation import (
+    CallContext,
+    UndoImpossible,
+    encode_response,
+    encode_snapshot,
+    snapshot_call,
+)
 from gateway.atomicity.journal import Journal
-from gateway.atomicity.plan import AtomicStep, Strategy
+from gateway.atomicity.plan import AtomicStep, Strategy, UndoKind
 from gateway.atomicity.rollback import UndoResult, run_undo
 from gateway.atomicity.state import BatchState, BatchStateMachine
 from gateway.atomicity.transactions import TransactionFailed, TransactionSet
+from gateway.atomicity.untrusted import UntrustedValue
 from gateway.config import GatewayConfig
+from gateway.errors import JournalUnavailable, PayloadTooLarge
 from gateway.execution import Deadline, execute, failure_summary, log_call, send_within
 from gateway.metrics import GatewayMetrics
 from gateway.model import (
@@ -59,7 +69,11 @@ def classify(outcome: SubResponse | CallFailure) -> str:
 
 
 class AtomicRun:
-    """One atomic batch in flight; `run` returns the annotated report."""
+    """One atomic batch in flight; `run` returns the annotated report.
+
+    No exception escapes a batch once a call was made: a journal that cannot be written, an
+    upstream value that is refused, or a bug in one call ends in a rollback and an honest report.
+    """
 
     def __init__(
         self, *, batch_id: str, plan: BatchPlan, steps: dict[int, AtomicStep],
@@ -69,17 +83,43 @@ class AtomicRun:
         self.batch_id, self.plan, self.steps = batch_id, plan, steps
         self._config, self._routes, self._pool = config, routes, pool
         self._journal, self._metrics, self._deadline = journal, metrics, deadline
+        self._cap = config.batch.limits.max_response_bytes
+        self.ctx = CallContext(routes, plan.base_headers, self._cap)
         settings = {n: u.transactions for n, u in config.upstreams.items() if u.transactions}
-        self.txs = TransactionSet(batch_id, pool, routes, journal, settings, config.batch.rollback)
+        self.txs = TransactionSet(
+            batch_id, pool, routes, journal, settings, config.batch.rollback, plan.base_headers
+        )
         self.machine = BatchStateMachine()
         self.records: dict[int, CallRecord] = {}
         self.abort_reason: str | None = None
+        self.journal_error: str | None = None
         self._tx_errors: dict[str, str | None] = {}
         self._seq = itertools.count(1)
+        self._budget = config.journal.max_batch_bytes
+        self._used = self._planned_journal_bytes()
+
+    def _planned_journal_bytes(self) -> int:
+        """What the journal will hold before any snapshot or outcome; 413 when it is over the cap."""
+        used = len(json.dumps([list(pair) for pair in self.plan.base_headers]))
+        for planned in self.plan.calls:
+            step = self.steps[planned.position]
+            if step.strategy is Strategy.COMPENSATION:
+                used += len(json.dumps(_intent(planned, step)))
+        if used > self._budget:
+            raise PayloadTooLarge(
+                f"the batch's journal record would be {used} bytes, over journal.max_batch_bytes "
+                f"({self._budget}); send fewer or smaller calls, or fewer outer headers"
+            )
+        return used
 
     async def run(self) -> BatchReport:
-        await self._journal.batch_state(self.batch_id, BatchState.PLANNED, f"{len(self.plan.calls)} calls")
-        await self._transition(BatchState.RUNNING)
+        """Raises JournalUnavailable (503) only before any call was made."""
+        await self._journal.batch_state(
+            self.batch_id, BatchState.PLANNED, f"{len(self.plan.calls)} calls",
+            headers=[list(pair) for pair in self.plan.base_headers],
+        )
+        self.machine.to(BatchState.RUNNING)
+        await self._journal.batch_state(self.batch_id, BatchState.RUNNING)
         root = await execute(self.plan.root, self.run_call)
         if self.abort_reason is None and not root.failed:
             outcome, detail = await self._commit()
@@ -92,9 +132,20 @@ class AtomicRun:
             outcome_detail=detail,
         )
 
-    async def _transition(self, state: BatchState, detail: str | None = None) -> None:
+    async def _transition(self, state: BatchState, detail: str | None = None) -> bool:
+        """Move to `state` and journal it; False when the journal could not record it."""
         self.machine.to(state)
-        await self._journal.batch_state(self.batch_id, state, detail)
+        return await self._jot(self._journal.batch_state(self.batch_id, state, detail))
+
+    async def _jot(self, write: Awaitable[None]) -> bool:
+        """A journal write whose failure is remembered and reported, not raised."""
+        try:
+            await write
+        except JournalUnavailable as exc:
+            self.journal_error = exc.detail
+            log.error("journal_write_failed", batch_id=self.batch_id, detail=exc.detail)
+            return False
+        return True
 
     # -- forward calls -------------------------------------------------------------------------
 
@@ -102,27 +153,42 @@ class AtomicRun:
         async with self._pool.bound(planned.upstream):
             if self.abort_reason is not None:
                 return ItemResult(Skipped(f"not executed: the batch is rolling back ({self.abort_reason})"))
-            outcome = await self._forward(planned, self.steps[planned.position])
+            try:
+                outcome = await self._forward(planned, self.steps[planned.position])
+            except Exception as exc:  # a bug must not leave the batch half-done: roll it back
+                log.exception("atomic_call_failed", batch_id=self.batch_id, position=planned.position)
+                outcome = CallFailure(502, f"the gateway failed on this call: {exc!r}", maybe_executed=True)
+                self._records_unknown(planned)
         if outcome.failed and self.abort_reason is None:
             self.abort_reason = failure_summary(planned, ItemResult(outcome))
         return ItemResult(outcome)
+
+    def _records_unknown(self, planned: PlannedCall) -> None:
+        step = self.steps[planned.position]
+        if planned.position not in self.records:
+            record = CallRecord(step, _intent(planned, step), "unknown", None, next(self._seq))
+            self.records[planned.position] = record
 
     async def _forward(self, planned: PlannedCall, step: AtomicStep) -> SubResponse | CallFailure:
         key = f"{self.batch_id}.{planned.position}"
         headers = _with_header(planned.call.headers, "Idempotency-Key", key)
         if step.strategy is Strategy.TRANSACTION:
             try:
-                token = await self.txs.token(planned.upstream, planned.call.headers)
+                token = await self.txs.token(planned.upstream, planned.own_headers)
             except TransactionFailed as exc:
                 return CallFailure(502, f"could not begin the upstream transaction: {exc}")
             headers = _with_header(headers, self.txs.header(planned.upstream), token)
         call = replace(planned.call, headers=headers)
-        intent = _intent(planned, call, step)
+        intent = _intent(planned, step)
         if step.strategy is Strategy.COMPENSATION:
             failure = await self._snapshot(intent)
             if failure is not None:
                 return failure
-            await self._journal.step_intent(self.batch_id, planned.position, intent)
+            try:
+                await self._journal.step_intent(self.batch_id, planned.position, intent)
+            except JournalUnavailable as exc:
+                self.journal_error = exc.detail
+                return CallFailure(503, f"not sent: the journal could not record it ({exc.detail})")
         started = time.perf_counter()
         outcome = await send_within(self._pool, call, self._deadline)
         log_call(planned, outcome, started)
@@ -130,7 +196,11 @@ class AtomicRun:
         return outcome
 
     async def _snapshot(self, intent: dict[str, Any]) -> CallFailure | None:
-        call = snapshot_call(intent, self._routes)
+        """Take the snapshot GET (identity-encoded, checked, within the journal budget)."""
+        try:
+            call = snapshot_call(intent, self.ctx)
+        except UndoImpossible as exc:
+            return CallFailure(502, f"not sent: no snapshot could be taken ({exc})")
         if call is None:
             return None
         response = await send_within(self._pool, call, self._deadline)
@@ -138,31 +208,62 @@ class AtomicRun:
             return CallFailure(response.status, f"snapshot before the call failed: {response.reason}")
         if not (200 <= response.status < 300 or response.status in (404, 410)):
             return CallFailure(502, f"snapshot GET {call.url.path} answered {response.status}")
-        intent["snapshot"] = encode_response(response)
+        try:
+            snapshot = encode_snapshot(response, self._cap)
+        except UntrustedValue as exc:
+            return CallFailure(502, f"not sent: the snapshot GET {call.url.path} cannot be restored ({exc})")
+        size = len(json.dumps(snapshot))
+        if self._used + size > self._budget:
+            return CallFailure(
+                413, f"not sent: its snapshot ({size} bytes) would take the batch's journal record "
+                f"over journal.max_batch_bytes ({self._budget})",
+            )
+        self._used += size
+        intent["snapshot"] = snapshot
         return None
 
     async def _record(
         self, position: int, step: AtomicStep, intent: dict[str, Any],
         outcome: SubResponse | CallFailure,
     ) -> None:
-        encoded = encode_response(outcome) if isinstance(outcome, SubResponse) else None
+        encoded = None
+        if isinstance(outcome, SubResponse):
+            keep_body = step.undo is not None and step.undo.kind in (UndoKind.DELETE_CREATED, UndoKind.RULE)
+            encoded = encode_response(outcome, keep_body=keep_body, cap=self._cap)
+            size = len(json.dumps(encoded))
+            if self._used + size > self._budget:
+                encoded = {**encoded, "body_b64": "", "body_error": "over journal.max_batch_bytes"}
+                size = len(json.dumps(encoded))
+            self._used += size
         record = CallRecord(step, intent, classify(outcome), encoded, next(self._seq))
         self.records[position] = record
         if step.strategy is Strategy.COMPENSATION:
-            await self._journal.step_outcome(self.batch_id, position, record.state, encoded, record.seq)
+            written = await self._jot(
+                self._journal.step_outcome(self.batch_id, position, record.state, encoded, record.seq)
+            )
+            if not written and self.abort_reason is None:
+                self.abort_reason = f"the journal could not record {intent['where']}"
 
     # -- commit and compensation ---------------------------------------------------------------
 
     async def _commit(self) -> tuple[BatchOutcome, str | None]:
-        await self._transition(BatchState.COMMITTING)
+        if not await self._transition(BatchState.COMMITTING):
+            return await self._compensate(commit_error="the journal could not record the commit decision")
         for index, upstream in enumerate(self.txs.begun):
-            error = await self.txs.end(upstream, commit=True)
+            error = await self._end(upstream, commit=True)
             if error is not None:
                 committed = self.txs.begun[:index]
                 return await self._compensate(commit_error=error, committed=committed)
         await self._transition(BatchState.COMMITTED)
         self._metrics.batches.labels("atomic", "committed").inc()
-        return BatchOutcome.COMMITTED, None
+        return BatchOutcome.COMMITTED, self._journal_note(None)
+
+    async def _end(self, upstream: str, *, commit: bool) -> str | None:
+        try:
+            return await self.txs.end(upstream, commit=commit)
+        except Exception as exc:
+            log.exception("transaction_end_failed", batch_id=self.batch_id, upstream=upstream)
+            return f"{'commit' if commit else 'rollback'} on {upstream!r} failed in the gateway: {exc!r}"
 
     async def _compensate(
         self, commit_error: str | None = None, committed: list[str] | None = None
@@ -170,7 +271,7 @@ class AtomicRun:
         await self._transition(BatchState.COMPENSATING, commit_error or self.abort_reason)
         committed = committed or []
         self._tx_errors = {
-            upstream: await self.txs.end(upstream, commit=False)
+            upstream: await self._end(upstream, commit=False)
             for upstream in self.txs.begun
             if upstream not in committed
         }
@@ -183,16 +284,28 @@ class AtomicRun:
         detail = "; ".join(problems) if problems else commit_error or self.abort_reason
         await self._transition(BatchState(outcome.value), detail)
         self._metrics.batches.labels("atomic", outcome.value).inc()
-        return outcome, detail
+        return outcome, self._journal_note(detail)
+
+    def _journal_note(self, detail: str | None) -> str | None:
+        error = self.journal_error or self.txs.journal_error
+        if error is None:
+            return detail
+        note = f"the journal could not record every step ({error}); recovery may repeat undos"
+        return note if detail is None else f"{detail}; {note}"
 
     async def _undo(self, position: int, record: CallRecord) -> UndoResult:
         outcome = record.outcome if record.state == "done" else None
-        result = await run_undo(
-            self._pool, self._routes, record.intent, outcome,
-            f"{self.batch_id}.{position}.undo", self._config.batch.rollback,
-        )
+        try:
+            result = await run_undo(
+                self._pool, self.ctx, record.intent, outcome,
+                f"{self.batch_id}.{position}.undo", self._config.batch.rollback,
+            )
+        except Exception as exc:
+            log.exception("undo_crashed", batch_id=self.batch_id, position=position)
+            result = UndoResult(False, f"the gateway failed while undoing: {exc!r}")
         state = "undone" if result.done else "undo_failed"
-        await self._journal.step_undo(self.batch_id, position, state, result.detail)
+        if record.step.strategy is Strategy.COMPENSATION:
+            await self._jot(self._journal.step_undo(self.batch_id, position, state, result.detail))
         self._metrics.rollbacks.labels("compensation", state).inc()
         if not result.done:
             log.error("undo_failed", batch_id=self.batch_id, position=position, detail=result.detail)
@@ -255,14 +368,18 @@ def _with_header(
     return (*kept, (name, value))
 
 
-def _intent(planned: PlannedCall, call: Any, step: AtomicStep) -> dict[str, Any]:
+def _intent(planned: PlannedCall, step: AtomicStep) -> dict[str, Any]:
+    """What the journal keeps of a compensable call: its own headers (the batch's are kept once),
+    the route scope its undo must stay in, and its body only when a declared rule may read it."""
+    keep_body = step.undo is not None and step.undo.kind is UndoKind.RULE
     return {
         "where": planned.where,
         "upstream": planned.upstream,
-        "method": call.method,
-        "url": str(call.url),
+        "method": planned.call.method,
+        "url": str(planned.call.url),
         "path": planned.upstream_path,
-        "headers": [list(pair) for pair in call.headers],
-        "body_b64": base64.b64encode(call.body or b"").decode("ascii"),
+        "scope": planned.scope,
+        "headers": [list(pair) for pair in planned.own_headers],
+        "body_b64": base64.b64encode(planned.call.body or b"").decode("ascii") if keep_body else "",
         "undo": None if step.undo is None else step.undo.to_json(),
     }

@@ -5,16 +5,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sqlite3
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import aiosqlite
+import structlog
 
-from gateway.atomicity.state import FINAL_STATES, BatchState
+from gateway.atomicity.secrets import HeaderSealer, StoredHeaders, load_key
+from gateway.atomicity.state import FINAL_STATES, PRUNABLE_STATES, BatchState
+from gateway.config import DEFAULT_SENSITIVE_HEADERS, GatewayConfig
+from gateway.errors import JournalUnavailable
+
+log = structlog.get_logger("gateway.journal")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS batches (
@@ -27,7 +36,14 @@ CREATE TABLE IF NOT EXISTS steps (
     batch_id TEXT NOT NULL, position INTEGER NOT NULL, state TEXT NOT NULL,
     intent TEXT NOT NULL, outcome TEXT, seq INTEGER, undo_state TEXT, undo_detail TEXT,
     updated REAL NOT NULL, PRIMARY KEY (batch_id, position));
+CREATE TABLE IF NOT EXISTS secrets (
+    batch_id TEXT NOT NULL, ref TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (batch_id, ref));
 """
+_ADDED_COLUMNS = {"batches": (("headers", "TEXT"), ("resolution", "TEXT"))}
+"""Columns added after the first release: created on open when an older journal lacks them."""
+
+OPERATOR_STATES = (BatchState.ROLLBACK_INCOMPLETE,)
+"""Final states that still need an operator (unless resolved)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +62,7 @@ class JournaledStep:
     outcome: dict[str, Any] | None
     seq: int | None
     undo_state: str | None
+    undo_detail: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,14 +71,38 @@ class JournaledBatch:
     state: BatchState
     transactions: tuple[JournaledTransaction, ...] = ()
     steps: tuple[JournaledStep, ...] = field(default_factory=tuple)
+    headers: tuple[tuple[str, str], ...] = ()
+    """What every call of the batch inherited (sensitive values only while the batch is open)."""
+    detail: str | None = None
+    created: float = 0.0
+    updated: float = 0.0
+    resolution: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BatchSummary:
+    """One line of `gateway batches list`."""
+
+    batch_id: str
+    state: str
+    detail: str | None
+    created: float
+    updated: float
+    resolution: str | None
 
 
 class Journal(Protocol):
-    """What the coordinator and recovery need from a durable store; every write is durable on return."""
+    """What the coordinator and recovery need from a durable store; every write is durable on return.
+
+    A write that cannot be made raises JournalUnavailable.
+    """
 
     async def open(self) -> None: ...
     async def close(self) -> None: ...
-    async def batch_state(self, batch_id: str, state: BatchState, detail: str | None = None) -> None: ...
+    async def batch_state(
+        self, batch_id: str, state: BatchState, detail: str | None = None,
+        headers: Sequence[Sequence[str]] | None = None,
+    ) -> None: ...
     async def tx_state(
         self,
         batch_id: str,
@@ -75,8 +116,11 @@ class Journal(Protocol):
         self, batch_id: str, position: int, state: str, outcome: dict[str, Any] | None, seq: int
     ) -> None: ...
     async def step_undo(self, batch_id: str, position: int, undo_state: str, detail: str | None) -> None: ...
+    async def unfinished_ids(self) -> list[str]: ...
     async def unfinished(self) -> list[JournaledBatch]: ...
     async def batch(self, batch_id: str) -> JournaledBatch | None: ...
+    async def summaries(self, *, everything: bool = False, limit: int = 1000) -> list[BatchSummary]: ...
+    async def resolve(self, batch_id: str, note: str) -> None: ...
     async def prune(self, older_than_seconds: float) -> int: ...
 
 
@@ -85,23 +129,41 @@ def _dump(value: Any) -> str | None:
 
 
 class SqliteJournal:
-    """SQLite in WAL mode with synchronous=FULL: each write is fsynced before the call it guards."""
+    """SQLite in WAL mode with synchronous=FULL: each write is fsynced before the call it guards.
 
-    def __init__(self, path: str | Path) -> None:
+    Sensitive headers are stored once per batch in `secrets` and deleted (with secure_delete on
+    and the WAL truncated) as soon as the batch is final.
+    """
+
+    def __init__(self, path: str | Path, sealer: HeaderSealer | None = None) -> None:
         self._path = str(path)
         self._db: aiosqlite.Connection | None = None
+        self.sealer = sealer or HeaderSealer(DEFAULT_SENSITIVE_HEADERS)
 
     async def open(self) -> None:
-        if self._path != ":memory:":
-            Path(self._path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = await aiosqlite.connect(self._path)
-        if self._path != ":memory:":
-            os.chmod(self._path, 0o600)  # it holds the forwarded headers (credentials) of open batches
-        await self._db.execute("PRAGMA busy_timeout=5000")  # worker processes share the file
-        await self._db.execute("PRAGMA journal_mode=WAL")
-        await self._db.execute("PRAGMA synchronous=FULL")
-        await self._db.executescript(_SCHEMA)
-        await self._db.commit()
+        try:
+            if self._path != ":memory:":
+                Path(self._path).parent.mkdir(parents=True, exist_ok=True)
+            self._db = await aiosqlite.connect(self._path)
+            if self._path != ":memory:":
+                os.chmod(self._path, 0o600)  # sensitive headers of open batches live here
+            await self._db.execute("PRAGMA busy_timeout=5000")  # worker processes share the file
+            await self._db.execute("PRAGMA journal_mode=WAL")
+            await self._db.execute("PRAGMA synchronous=FULL")
+            await self._db.execute("PRAGMA secure_delete=ON")  # erased secrets are overwritten
+            await self._db.executescript(_SCHEMA)
+            await self._add_columns()
+            await self._db.commit()
+        except (sqlite3.Error, OSError) as exc:
+            raise JournalUnavailable(f"cannot open the journal {self._path!r}: {exc}") from None
+
+    async def _add_columns(self) -> None:
+        for table, columns in _ADDED_COLUMNS.items():
+            cursor = await self._conn.execute(f"PRAGMA table_info({table})")
+            present = {row[1] for row in await cursor.fetchall()}
+            for name, kind in columns:
+                if name not in present:
+                    await self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
 
     async def close(self) -> None:
         if self._db is not None:
@@ -111,21 +173,61 @@ class SqliteJournal:
     @property
     def _conn(self) -> aiosqlite.Connection:
         if self._db is None:
-            raise RuntimeError("journal is not open")
+            raise JournalUnavailable("the journal is not open")
         return self._db
 
-    async def _write(self, sql: str, params: tuple[Any, ...]) -> None:
-        await self._conn.execute(sql, params)
-        await self._conn.commit()
+    async def _write(
+        self, sql: str, params: tuple[Any, ...], batch_id: str | None = None,
+        secrets: dict[str, str] | None = None,
+    ) -> int:
+        """One durable write (plus the secrets it refers to); returns the rows changed."""
+        try:
+            if secrets:
+                await self._conn.executemany(
+                    "INSERT OR IGNORE INTO secrets (batch_id, ref, value) VALUES (?,?,?)",
+                    [(batch_id, ref, value) for ref, value in secrets.items()],
+                )
+            cursor = await self._conn.execute(sql, params)
+            await self._conn.commit()
+            return cursor.rowcount
+        except (sqlite3.Error, OSError) as exc:
+            await self._rollback_quietly()
+            raise JournalUnavailable(f"the journal could not be written: {exc}") from None
 
-    async def batch_state(self, batch_id: str, state: BatchState, detail: str | None = None) -> None:
+    async def _rollback_quietly(self) -> None:
+        with contextlib.suppress(sqlite3.Error, OSError, JournalUnavailable):
+            await self._conn.rollback()
+
+    def _seal(self, batch_id: str, headers: Sequence[Sequence[str]] | None) -> tuple[Any, dict[str, str]]:
+        if headers is None:
+            return None, {}
+        return self.sealer.seal(batch_id, headers)
+
+    async def batch_state(
+        self, batch_id: str, state: BatchState, detail: str | None = None,
+        headers: Sequence[Sequence[str]] | None = None,
+    ) -> None:
         now = time.time()
+        stored, secrets = self._seal(batch_id, headers)
         await self._write(
-            "INSERT INTO batches (batch_id, state, detail, created, updated) VALUES (?,?,?,?,?) "
-            "ON CONFLICT(batch_id) DO UPDATE SET state=excluded.state, "
-            "detail=COALESCE(excluded.detail, detail), updated=excluded.updated",
-            (batch_id, state.value, detail, now, now),
+            "INSERT INTO batches (batch_id, state, detail, created, updated, headers) "
+            "VALUES (?,?,?,?,?,?) ON CONFLICT(batch_id) DO UPDATE SET state=excluded.state, "
+            "detail=COALESCE(excluded.detail, detail), updated=excluded.updated, "
+            "headers=COALESCE(excluded.headers, headers)",
+            (batch_id, state.value, detail, now, now, _dump(stored)),
+            batch_id, secrets,
         )
+        if state.final:
+            await self._erase_secrets(batch_id)
+
+    async def _erase_secrets(self, batch_id: str) -> None:
+        """Delete a final batch's secrets and truncate the WAL so no journal file holds them."""
+        erased = await self._write("DELETE FROM secrets WHERE batch_id=?", (batch_id,))
+        if erased:
+            try:
+                await self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as exc:  # busy readers: the next final batch truncates it
+                log.warning("journal_checkpoint_failed", detail=str(exc))
 
     async def tx_state(
         self,
@@ -135,19 +237,23 @@ class SqliteJournal:
         token: str | None = None,
         headers: list[list[str]] | None = None,
     ) -> None:
+        stored, secrets = self._seal(batch_id, headers)
         await self._write(
             "INSERT INTO transactions (batch_id, upstream, state, token, headers, updated) "
             "VALUES (?,?,?,?,?,?) ON CONFLICT(batch_id, upstream) DO UPDATE SET "
             "state=excluded.state, token=COALESCE(excluded.token, token), "
             "headers=COALESCE(excluded.headers, headers), updated=excluded.updated",
-            (batch_id, upstream, state, token, _dump(headers), time.time()),
+            (batch_id, upstream, state, token, _dump(stored), time.time()),
+            batch_id, secrets,
         )
 
     async def step_intent(self, batch_id: str, position: int, intent: dict[str, Any]) -> None:
+        stored, secrets = self._seal(batch_id, intent.get("headers", []))
         await self._write(
             "INSERT OR REPLACE INTO steps (batch_id, position, state, intent, updated) "
             "VALUES (?,?,'intent',?,?)",
-            (batch_id, position, json.dumps(intent), time.time()),
+            (batch_id, position, json.dumps({**intent, "headers": stored}), time.time()),
+            batch_id, secrets,
         )
 
     async def step_outcome(
@@ -164,65 +270,128 @@ class SqliteJournal:
             (undo_state, detail, time.time(), batch_id, position),
         )
 
-    async def unfinished(self) -> list[JournaledBatch]:
-        finals = tuple(state.value for state in FINAL_STATES)
-        cursor = await self._conn.execute(
-            "SELECT batch_id FROM batches WHERE state NOT IN (?,?,?) ORDER BY created", finals
+    async def resolve(self, batch_id: str, note: str) -> None:
+        """An operator marks a batch dealt with: state `resolved`, the note kept, secrets erased."""
+        changed = await self._write(
+            "UPDATE batches SET state=?, resolution=?, updated=? WHERE batch_id=?",
+            (BatchState.RESOLVED.value, note, time.time(), batch_id),
         )
-        ids = [row[0] for row in await cursor.fetchall()]
-        batches = [await self.batch(batch_id) for batch_id in ids]
+        if changed:
+            await self._erase_secrets(batch_id)
+
+    async def _read(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
+        try:
+            cursor = await self._conn.execute(sql, params)
+            return list(await cursor.fetchall())
+        except (sqlite3.Error, OSError) as exc:
+            raise JournalUnavailable(f"the journal could not be read: {exc}") from None
+
+    async def unfinished_ids(self) -> list[str]:
+        finals = tuple(state.value for state in FINAL_STATES)
+        marks = ",".join("?" for _ in finals)
+        rows = await self._read(
+            f"SELECT batch_id FROM batches WHERE state NOT IN ({marks}) ORDER BY created", finals
+        )
+        return [row[0] for row in rows]
+
+    async def unfinished(self) -> list[JournaledBatch]:
+        batches = [await self.batch(batch_id) for batch_id in await self.unfinished_ids()]
         return [batch for batch in batches if batch is not None]
 
+    async def summaries(self, *, everything: bool = False, limit: int = 1000) -> list[BatchSummary]:
+        """Batches needing an operator (unfinished or rollback_incomplete), or all with `everything`."""
+        rows = await self._read(
+            "SELECT batch_id, state, detail, created, updated, resolution FROM batches "
+            "ORDER BY created DESC LIMIT ?", (limit if everything else -1,),
+        )
+        summaries = [BatchSummary(*row) for row in rows]
+        if everything:
+            return summaries
+        wanted = {s.value for s in OPERATOR_STATES}
+        finals = {s.value for s in FINAL_STATES}
+        return [s for s in summaries if s.state in wanted or s.state not in finals][:limit]
+
     async def batch(self, batch_id: str) -> JournaledBatch | None:
-        cursor = await self._conn.execute("SELECT state FROM batches WHERE batch_id=?", (batch_id,))
-        row = await cursor.fetchone()
-        if row is None:
+        """The batch with its headers unsealed; raises ValueError/KeyError on a corrupt record."""
+        rows = await self._read(
+            "SELECT state, headers, detail, created, updated, resolution FROM batches WHERE batch_id=?",
+            (batch_id,),
+        )
+        if not rows:
             return None
+        state, headers, detail, created, updated, resolution = rows[0]
+        secrets = dict(await self._read("SELECT ref, value FROM secrets WHERE batch_id=?", (batch_id,)))
         return JournaledBatch(
             batch_id=batch_id,
-            state=BatchState(row[0]),
-            transactions=await self._transactions(batch_id),
-            steps=await self._steps(batch_id),
+            state=BatchState(state),
+            transactions=await self._transactions(batch_id, secrets),
+            steps=await self._steps(batch_id, secrets),
+            headers=tuple(self._unseal(headers, secrets)),
+            detail=detail,
+            created=created,
+            updated=updated,
+            resolution=resolution,
         )
 
-    async def _transactions(self, batch_id: str) -> tuple[JournaledTransaction, ...]:
-        cursor = await self._conn.execute(
-            "SELECT upstream, state, token, headers FROM transactions WHERE batch_id=? "
-            "ORDER BY upstream",
+    def _unseal(self, stored: str | None, secrets: dict[str, str]) -> list[tuple[str, str]]:
+        raw: StoredHeaders = [] if stored is None else json.loads(stored)
+        return self.sealer.unseal(raw, secrets)
+
+    async def _transactions(
+        self, batch_id: str, secrets: dict[str, str]
+    ) -> tuple[JournaledTransaction, ...]:
+        rows = await self._read(
+            "SELECT upstream, state, token, headers FROM transactions WHERE batch_id=? ORDER BY upstream",
             (batch_id,),
         )
         return tuple(
-            JournaledTransaction(row[0], row[1], row[2], None if row[3] is None else json.loads(row[3]))
-            for row in await cursor.fetchall()
+            JournaledTransaction(
+                row[0], row[1], row[2],
+                None if row[3] is None else [list(h) for h in self._unseal(row[3], secrets)],
+            )
+            for row in rows
         )
 
-    async def _steps(self, batch_id: str) -> tuple[JournaledStep, ...]:
-        cursor = await self._conn.execute(
-            "SELECT position, state, intent, outcome, seq, undo_state FROM steps "
+    async def _steps(self, batch_id: str, secrets: dict[str, str]) -> tuple[JournaledStep, ...]:
+        rows = await self._read(
+            "SELECT position, state, intent, outcome, seq, undo_state, undo_detail FROM steps "
             "WHERE batch_id=? ORDER BY position",
             (batch_id,),
         )
-        return tuple(
-            JournaledStep(
-                position=row[0],
-                state=row[1],
-                intent=json.loads(row[2]),
+        steps = []
+        for row in rows:
+            intent = json.loads(row[2])
+            intent["headers"] = [list(h) for h in self.sealer.unseal(intent.get("headers", []), secrets)]
+            steps.append(JournaledStep(
+                position=row[0], state=row[1], intent=intent,
                 outcome=None if row[3] is None else json.loads(row[3]),
-                seq=row[4],
-                undo_state=row[5],
-            )
-            for row in await cursor.fetchall()
-        )
+                seq=row[4], undo_state=row[5], undo_detail=row[6],
+            ))
+        return tuple(steps)
 
     async def prune(self, older_than_seconds: float) -> int:
-        """Delete finished batches last updated longer ago than the retention; returns how many."""
+        """Delete committed, rolled back and resolved batches older than the retention; returns how many."""
         cutoff = time.time() - older_than_seconds
-        finals = tuple(state.value for state in FINAL_STATES)
-        cursor = await self._conn.execute(
-            "SELECT batch_id FROM batches WHERE state IN (?,?,?) AND updated < ?", (*finals, cutoff)
+        finals = tuple(state.value for state in PRUNABLE_STATES)
+        marks = ",".join("?" for _ in finals)
+        rows = await self._read(
+            f"SELECT batch_id FROM batches WHERE state IN ({marks}) AND updated < ?", (*finals, cutoff)
         )
-        ids = [(row[0],) for row in await cursor.fetchall()]
-        for table in ("steps", "transactions", "batches"):
-            await self._conn.executemany(f"DELETE FROM {table} WHERE batch_id=?", ids)
-        await self._conn.commit()
+        ids = [(row[0],) for row in rows]
+        try:
+            for table in ("steps", "transactions", "secrets", "batches"):
+                await self._conn.executemany(f"DELETE FROM {table} WHERE batch_id=?", ids)
+            await self._conn.commit()
+        except (sqlite3.Error, OSError) as exc:
+            await self._rollback_quietly()
+            raise JournalUnavailable(f"the journal could not be pruned: {exc}") from None
         return len(ids)
+
+
+def open_journal(config: GatewayConfig, config_file: str = "<config>") -> SqliteJournal:
+    """The configured journal (not yet opened), with its sensitive headers and encryption key.
+
+    Raises ConfigError when a configured key cannot be read.
+    """
+    key = load_key(config.journal.key_env, config.journal.key_file, config_file)
+    return SqliteJournal(config.journal.path, HeaderSealer(config.journal.sensitive, key))

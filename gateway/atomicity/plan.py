@@ -11,7 +11,7 @@ from typing import Any
 
 from gateway.atomicity.templates import TemplateError, match_path, render_path
 from gateway.config import CompensationRule, GatewayConfig, Upstream
-from gateway.errors import Uncompensable
+from gateway.errors import MixedCredentials, Uncompensable
 from gateway.planning import BatchPlan, PlannedCall
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -59,8 +59,35 @@ class AtomicStep:
 
 
 def plan_atomicity(plan: BatchPlan, config: GatewayConfig) -> dict[int, AtomicStep]:
-    """A step per call position; raises Uncompensable for the first call that cannot be undone."""
-    return {call.position: _step(call, config.upstreams[call.upstream]) for call in plan.calls}
+    """A step per call position; raises Uncompensable for the first call that cannot be undone,
+    MixedCredentials when one upstream transaction would carry calls of different identities."""
+    steps = {call.position: _step(call, config.upstreams[call.upstream]) for call in plan.calls}
+    _check_credentials(plan, config)
+    return steps
+
+
+def credentials(call: PlannedCall, sensitive: frozenset[str]) -> tuple[tuple[str, str], ...]:
+    """The call's credentials: its sensitive headers (Authorization, Cookie, configured ones)."""
+    return tuple(sorted((k.lower(), v) for k, v in call.call.headers if k.lower() in sensitive))
+
+
+def _check_credentials(plan: BatchPlan, config: GatewayConfig) -> None:
+    """One transaction per upstream is begun and committed with its first call's credentials, so
+    every call inside it must carry the same ones (a batch cannot borrow another identity's)."""
+    first: dict[str, tuple[PlannedCall, tuple[tuple[str, str], ...]]] = {}
+    for call in plan.calls:
+        if config.upstreams[call.upstream].transactions is None:
+            continue
+        creds = credentials(call, config.journal.sensitive)
+        earlier = first.setdefault(call.upstream, (call, creds))
+        if earlier[1] != creds:
+            names = sorted({k for k, _ in creds} | {k for k, _ in earlier[1]})
+            raise MixedCredentials(
+                f"its credentials ({', '.join(names)}) differ from those of {earlier[0].where}; "
+                f"calls to the transactional upstream {call.upstream!r} share one transaction, so an "
+                "atomic batch must send them all with the same credentials",
+                where=call.where,
+            )
 
 
 def _step(call: PlannedCall, upstream: Upstream) -> AtomicStep:

@@ -11,10 +11,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.atomicity.compensation import UndoImpossible, undo_call, undo_succeeded
+from gateway.atomicity.compensation import CallContext, UndoImpossible, undo_call, undo_succeeded
 from gateway.config import Rollback
 from gateway.errors import UpstreamError
-from gateway.routing import RouteTable
 from gateway.upstream import UpstreamPool
 
 
@@ -44,7 +43,7 @@ async def with_retries(
 
 async def run_undo(
     pool: UpstreamPool,
-    routes: RouteTable,
+    ctx: CallContext,
     intent: dict[str, Any],
     outcome: dict[str, Any] | None,
     key: str,
@@ -52,9 +51,11 @@ async def run_undo(
 ) -> UndoResult:
     """Build and send the undo of one call; `outcome` None means its outcome is unknown."""
     try:
-        call = undo_call(intent, outcome, routes, key)
+        call = undo_call(intent, outcome, ctx, key)
     except UndoImpossible as exc:
-        return UndoResult(False, str(exc))
+        return UndoResult(False, f"undo not sent: {exc}")
+    except (KeyError, ValueError, TypeError) as exc:  # a journaled record the gateway cannot read
+        return UndoResult(False, f"undo not sent: the journaled call is unreadable ({exc!r})")
     if call is None:
         return UndoResult(True, "nothing to undo")
 

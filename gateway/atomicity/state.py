@@ -1,6 +1,7 @@
 """The atomic batch state machine; every transition is in the table below and nowhere else.
 
-PLANNED -> RUNNING -> COMMITTING -> COMMITTED, or -> COMPENSATING -> ROLLED_BACK | ROLLBACK_INCOMPLETE.
+PLANNED -> RUNNING -> COMMITTING -> COMMITTED, or -> COMPENSATING -> ROLLED_BACK | ROLLBACK_INCOMPLETE;
+an operator may retry a ROLLBACK_INCOMPLETE batch (-> COMPENSATING) or mark a stuck one RESOLVED.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ class BatchState(str, Enum):
     COMPENSATING = "compensating"
     ROLLED_BACK = "rolled_back"
     ROLLBACK_INCOMPLETE = "rollback_incomplete"
+    RESOLVED = "resolved"
+    """An operator dealt with what a rollback left (gateway batches resolve)."""
 
     @property
     def final(self) -> bool:
@@ -23,17 +26,23 @@ class BatchState(str, Enum):
 
 
 FINAL_STATES = frozenset(
-    {BatchState.COMMITTED, BatchState.ROLLED_BACK, BatchState.ROLLBACK_INCOMPLETE}
+    {BatchState.COMMITTED, BatchState.ROLLED_BACK, BatchState.ROLLBACK_INCOMPLETE, BatchState.RESOLVED}
 )
+PRUNABLE_STATES = frozenset({BatchState.COMMITTED, BatchState.ROLLED_BACK, BatchState.RESOLVED})
+"""Final states the retention prunes; a rollback_incomplete batch stays until an operator resolves it."""
 
+_RESOLVED = BatchState.RESOLVED
 TRANSITIONS: dict[BatchState, frozenset[BatchState]] = {
-    BatchState.PLANNED: frozenset({BatchState.RUNNING, BatchState.COMPENSATING}),
-    BatchState.RUNNING: frozenset({BatchState.COMMITTING, BatchState.COMPENSATING}),
-    BatchState.COMMITTING: frozenset({BatchState.COMMITTED, BatchState.COMPENSATING}),
-    BatchState.COMPENSATING: frozenset({BatchState.ROLLED_BACK, BatchState.ROLLBACK_INCOMPLETE}),
+    BatchState.PLANNED: frozenset({BatchState.RUNNING, BatchState.COMPENSATING, _RESOLVED}),
+    BatchState.RUNNING: frozenset({BatchState.COMMITTING, BatchState.COMPENSATING, _RESOLVED}),
+    BatchState.COMMITTING: frozenset({BatchState.COMMITTED, BatchState.COMPENSATING, _RESOLVED}),
+    BatchState.COMPENSATING: frozenset(
+        {BatchState.ROLLED_BACK, BatchState.ROLLBACK_INCOMPLETE, _RESOLVED}
+    ),
     BatchState.COMMITTED: frozenset(),
     BatchState.ROLLED_BACK: frozenset(),
-    BatchState.ROLLBACK_INCOMPLETE: frozenset(),
+    BatchState.ROLLBACK_INCOMPLETE: frozenset({BatchState.COMPENSATING, _RESOLVED}),
+    BatchState.RESOLVED: frozenset(),
 }
 
 
