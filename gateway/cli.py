@@ -59,6 +59,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--legacy-port", type=int, default=0)
     demo.add_argument("--ledger-port", type=int, default=0)
     demo.add_argument("--journal", default=None, help="journal file (default: a temporary one)")
+    demo.add_argument(
+        "--no-idempotency-keys", action="store_true",
+        help="the demo upstreams ignore Idempotency-Key and the gateway does not rely on it",
+    )
     return parser
 
 
@@ -141,9 +145,12 @@ async def _batches(config: GatewayConfig, args: argparse.Namespace) -> int:
 async def _demo(args: argparse.Namespace) -> None:
     from gateway.demo.launcher import demo_config, start_demo_upstreams
 
-    runners, legacy_url, ledger_url = await start_demo_upstreams(args.legacy_port, args.ledger_port)
+    keys = not args.no_idempotency_keys
+    runners, legacy_url, ledger_url = await start_demo_upstreams(
+        args.legacy_port, args.ledger_port, idempotency_keys=keys
+    )
     journal = args.journal or str(Path(tempfile.mkdtemp(prefix="gateway-demo-")) / "journal.sqlite3")
-    config = demo_config(legacy_url, ledger_url, port=args.port, journal=journal)
+    config = demo_config(legacy_url, ledger_url, port=args.port, journal=journal, idempotency_keys=keys)
     log.info("demo_upstreams", legacy=legacy_url, ledger=ledger_url, journal=journal)
     try:
         await serve(config)

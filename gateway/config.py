@@ -89,6 +89,11 @@ class Transactions(_Strict):
     commit: CallTemplate
     rollback: CallTemplate
     timeout: float = Field(10.0, gt=0)
+    """How long the gateway waits for a begin, commit or rollback call."""
+    lifetime: float | None = Field(None, gt=0)
+    """Seconds the upstream should keep an unfinished transaction, rendered as `{timeout}` in the
+    begin template (path, query or body) so an orphaned transaction ends on its own; default
+    batch.limits.batch_timeout + batch.rollback.deadline."""
 
 
 class CompensationRule(_Strict):
@@ -114,6 +119,9 @@ class Upstream(_Strict):
     compensations: tuple[CompensationRule, ...] = ()
     infer_compensations: bool = True
     recreate_deleted_with: Literal["PUT", "POST"] = "PUT"
+    idempotency_keys: bool = False
+    """The upstream honours Idempotency-Key (a repeated key replays the first answer): recovery
+    may then re-send a call whose outcome is unknown to learn what it did."""
 
     @field_validator("url")
     @classmethod

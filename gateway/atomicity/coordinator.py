@@ -27,6 +27,7 @@ from gateway.atomicity.plan import AtomicStep, Strategy, UndoKind
 from gateway.atomicity.rollback import UndoResult, run_undo
 from gateway.atomicity.state import BatchState, BatchStateMachine
 from gateway.atomicity.transactions import TransactionFailed, TransactionSet
+from gateway.atomicity.tx_calls import lifetime
 from gateway.atomicity.untrusted import UntrustedValue
 from gateway.config import GatewayConfig
 from gateway.errors import JournalUnavailable, PayloadTooLarge
@@ -87,7 +88,8 @@ class AtomicRun:
         self.ctx = CallContext(routes, plan.base_headers, self._cap)
         settings = {n: u.transactions for n, u in config.upstreams.items() if u.transactions}
         self.txs = TransactionSet(
-            batch_id, pool, routes, journal, settings, config.batch.rollback, plan.base_headers
+            batch_id, pool, routes, journal, settings, config.batch.rollback, plan.base_headers,
+            {name: lifetime(config, name) for name in settings},
         )
         self.machine = BatchStateMachine()
         self.records: dict[int, CallRecord] = {}
@@ -104,7 +106,7 @@ class AtomicRun:
         for planned in self.plan.calls:
             step = self.steps[planned.position]
             if step.strategy is Strategy.COMPENSATION:
-                used += len(json.dumps(_intent(planned, step)))
+                used += len(json.dumps(self._intent(planned, step)))
         if used > self._budget:
             raise PayloadTooLarge(
                 f"the batch's journal record would be {used} bytes, over journal.max_batch_bytes "
@@ -147,6 +149,9 @@ class AtomicRun:
             return False
         return True
 
+    def _intent(self, planned: PlannedCall, step: AtomicStep) -> dict[str, Any]:
+        return _intent(planned, step, self._config.upstreams[planned.upstream].idempotency_keys)
+
     # -- forward calls -------------------------------------------------------------------------
 
     async def run_call(self, planned: PlannedCall) -> ItemResult:
@@ -166,7 +171,7 @@ class AtomicRun:
     def _records_unknown(self, planned: PlannedCall) -> None:
         step = self.steps[planned.position]
         if planned.position not in self.records:
-            record = CallRecord(step, _intent(planned, step), "unknown", None, next(self._seq))
+            record = CallRecord(step, self._intent(planned, step), "unknown", None, next(self._seq))
             self.records[planned.position] = record
 
     async def _forward(self, planned: PlannedCall, step: AtomicStep) -> SubResponse | CallFailure:
@@ -179,7 +184,7 @@ class AtomicRun:
                 return CallFailure(502, f"could not begin the upstream transaction: {exc}")
             headers = _with_header(headers, self.txs.header(planned.upstream), token)
         call = replace(planned.call, headers=headers)
-        intent = _intent(planned, step)
+        intent = self._intent(planned, step)
         if step.strategy is Strategy.COMPENSATION:
             failure = await self._snapshot(intent)
             if failure is not None:
@@ -368,10 +373,11 @@ def _with_header(
     return (*kept, (name, value))
 
 
-def _intent(planned: PlannedCall, step: AtomicStep) -> dict[str, Any]:
+def _intent(planned: PlannedCall, step: AtomicStep, replayable: bool) -> dict[str, Any]:
     """What the journal keeps of a compensable call: its own headers (the batch's are kept once),
-    the route scope its undo must stay in, and its body only when a declared rule may read it."""
-    keep_body = step.undo is not None and step.undo.kind is UndoKind.RULE
+    the route scope its undo must stay in, and its body only when a declared rule may read it or
+    recovery may replay the call (`replayable`: the upstream honours idempotency keys)."""
+    keep_body = replayable or (step.undo is not None and step.undo.kind is UndoKind.RULE)
     return {
         "where": planned.where,
         "upstream": planned.upstream,
@@ -382,4 +388,5 @@ def _intent(planned: PlannedCall, step: AtomicStep) -> dict[str, Any]:
         "headers": [list(pair) for pair in planned.own_headers],
         "body_b64": base64.b64encode(planned.call.body or b"").decode("ascii") if keep_body else "",
         "undo": None if step.undo is None else step.undo.to_json(),
+        "replayable": replayable,
     }

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -124,6 +125,31 @@ class Journal(Protocol):
     async def prune(self, older_than_seconds: float) -> int: ...
 
 
+class CrashPoint:
+    """Test-only: SIGKILL this process right after the Nth durable journal write of a batch.
+
+    Enabled by `GATEWAY_TEST_CRASH_AFTER_WRITE=N` (the crash-point tests iterate N); without it
+    the journal never builds one, so it costs nothing.
+    """
+
+    VARIABLE = "GATEWAY_TEST_CRASH_AFTER_WRITE"
+
+    def __init__(self, after: int) -> None:
+        self._after = after
+        self._counts: dict[str, int] = {}
+
+    @classmethod
+    def from_environment(cls) -> CrashPoint | None:
+        value = os.environ.get(cls.VARIABLE, "")
+        return cls(int(value)) if value.isdigit() and int(value) > 0 else None
+
+    def written(self, batch_id: str) -> None:
+        count = self._counts[batch_id] = self._counts.get(batch_id, 0) + 1
+        if count == self._after:
+            log.warning("test_crash_point", batch_id=batch_id, write=count)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _dump(value: Any) -> str | None:
     return None if value is None else json.dumps(value)
 
@@ -139,6 +165,7 @@ class SqliteJournal:
         self._path = str(path)
         self._db: aiosqlite.Connection | None = None
         self.sealer = sealer or HeaderSealer(DEFAULT_SENSITIVE_HEADERS)
+        self._crash_point = CrashPoint.from_environment()
 
     async def open(self) -> None:
         try:
@@ -177,7 +204,7 @@ class SqliteJournal:
         return self._db
 
     async def _write(
-        self, sql: str, params: tuple[Any, ...], batch_id: str | None = None,
+        self, sql: str, params: tuple[Any, ...], batch_id: str,
         secrets: dict[str, str] | None = None,
     ) -> int:
         """One durable write (plus the secrets it refers to); returns the rows changed."""
@@ -189,10 +216,12 @@ class SqliteJournal:
                 )
             cursor = await self._conn.execute(sql, params)
             await self._conn.commit()
-            return cursor.rowcount
         except (sqlite3.Error, OSError) as exc:
             await self._rollback_quietly()
             raise JournalUnavailable(f"the journal could not be written: {exc}") from None
+        if self._crash_point is not None:
+            self._crash_point.written(batch_id)
+        return cursor.rowcount
 
     async def _rollback_quietly(self) -> None:
         with contextlib.suppress(sqlite3.Error, OSError, JournalUnavailable):
@@ -222,7 +251,7 @@ class SqliteJournal:
 
     async def _erase_secrets(self, batch_id: str) -> None:
         """Delete a final batch's secrets and truncate the WAL so no journal file holds them."""
-        erased = await self._write("DELETE FROM secrets WHERE batch_id=?", (batch_id,))
+        erased = await self._write("DELETE FROM secrets WHERE batch_id=?", (batch_id,), batch_id)
         if erased:
             try:
                 await self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -262,12 +291,14 @@ class SqliteJournal:
         await self._write(
             "UPDATE steps SET state=?, outcome=?, seq=?, updated=? WHERE batch_id=? AND position=?",
             (state, None if outcome is None else json.dumps(outcome), seq, time.time(), batch_id, position),
+            batch_id,
         )
 
     async def step_undo(self, batch_id: str, position: int, undo_state: str, detail: str | None) -> None:
         await self._write(
             "UPDATE steps SET undo_state=?, undo_detail=?, updated=? WHERE batch_id=? AND position=?",
             (undo_state, detail, time.time(), batch_id, position),
+            batch_id,
         )
 
     async def resolve(self, batch_id: str, note: str) -> None:
@@ -275,6 +306,7 @@ class SqliteJournal:
         changed = await self._write(
             "UPDATE batches SET state=?, resolution=?, updated=? WHERE batch_id=?",
             (BatchState.RESOLVED.value, note, time.time(), batch_id),
+            batch_id,
         )
         if changed:
             await self._erase_secrets(batch_id)

@@ -1,4 +1,4 @@
-"""Crash recovery: every journaled batch not in a final state is rolled back, then marked final.
+"""Crash recovery: a batch past its journaled commit point is rolled forward, any other unfinished one back.
 
 Runs on start-up before the gateway reports ready, and from `gateway recover`; running it twice is a no-op.
 Each batch is recovered on its own: one that cannot be (bad record, refused value) needs an operator.
@@ -10,12 +10,19 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from gateway.atomicity.compensation import CallContext, call_headers
-from gateway.atomicity.journal import Journal, JournaledBatch, JournaledStep, open_journal
+from gateway.atomicity.compensation import CallContext, UndoImpossible, call_headers, undo_call
+from gateway.atomicity.journal import (
+    Journal,
+    JournaledBatch,
+    JournaledStep,
+    JournaledTransaction,
+    open_journal,
+)
+from gateway.atomicity.replay import replay_begin, replay_forward
 from gateway.atomicity.rollback import run_undo
 from gateway.atomicity.state import BatchState, BatchStateMachine
-from gateway.atomicity.transactions import TransactionFailed, end_transaction
-from gateway.config import GatewayConfig
+from gateway.atomicity.tx_calls import TransactionFailed, end_transaction, lifetime
+from gateway.config import GatewayConfig, Transactions
 from gateway.errors import JournalUnavailable
 from gateway.routing import RouteTable
 from gateway.upstream import UpstreamPool
@@ -93,12 +100,70 @@ class Recovery:
         return BatchState.ROLLBACK_INCOMPLETE
 
     async def _recover(self, batch: JournaledBatch) -> tuple[BatchState, str]:
-        machine = BatchStateMachine(batch.state)
-        if batch.state is not BatchState.COMPENSATING:
-            machine.to(BatchState.COMPENSATING)
-            await self._journal.batch_state(batch.batch_id, BatchState.COMPENSATING, "recovery")
+        """Decide from the recorded phase first: past the commit point roll forward, else back."""
         ctx = CallContext(self._routes, batch.headers, self._config.batch.limits.max_response_bytes)
-        problems = await self._rollback_transactions(batch, ctx)
+        if batch.state is BatchState.COMMITTING:
+            return await self._roll_forward(batch, ctx)
+        return await self._roll_back(batch, ctx, BatchStateMachine(batch.state))
+
+    async def _roll_forward(self, batch: JournaledBatch, ctx: CallContext) -> tuple[BatchState, str]:
+        """The batch had decided to commit: re-send the commits that are not journaled as done.
+
+        Every forward call succeeded before the decision, so once every transaction is committed
+        the batch is committed. A commit that an idempotent upstream refuses did not land: the rest
+        is rolled back. A refusal from an upstream without idempotency keys is ambiguous (the first
+        commit may have landed): nothing is undone and an operator decides.
+        """
+        committed: list[str] = []
+        for tx in batch.transactions:
+            settings = self._config.upstreams[tx.upstream].transactions
+            if tx.state in ("committed", "never_begun") or settings is None:
+                committed += [tx.upstream] if tx.state == "committed" else []
+                continue
+            error = await self._commit(batch, tx, settings, ctx)
+            if error is None:
+                committed.append(tx.upstream)
+                continue
+            if not self._config.upstreams[tx.upstream].idempotency_keys:
+                detail = (f"recovered after restart: the commit on {tx.upstream!r} may or may not have "
+                          f"landed ({error}; the upstream does not declare idempotency_keys); nothing "
+                          "was undone")
+                await self._journal.batch_state(batch.batch_id, BatchState.ROLLBACK_INCOMPLETE, detail)
+                log.error("batch_recovered", batch_id=batch.batch_id, outcome="rollback_incomplete",
+                          detail=detail)
+                return BatchState.ROLLBACK_INCOMPLETE, detail
+            machine = BatchStateMachine(BatchState.COMMITTING)
+            return await self._roll_back(batch, ctx, machine, committed=committed, reason=error)
+        detail = "recovered after restart: rolled forward (the commit decision was journaled)"
+        await self._journal.batch_state(batch.batch_id, BatchState.COMMITTED, detail)
+        log.warning("batch_recovered", batch_id=batch.batch_id, outcome="committed", detail=detail)
+        return BatchState.COMMITTED, detail
+
+    async def _commit(
+        self, batch: JournaledBatch, tx: JournaledTransaction, settings: Transactions, ctx: CallContext
+    ) -> str | None:
+        if tx.token is None:
+            return f"{tx.upstream}: no token was journaled, so its transaction cannot be committed"
+        try:
+            await end_transaction(
+                self._pool, self._routes, tx.upstream, settings, token=tx.token,
+                headers=call_headers(ctx.base_headers, tx.headers or []), commit=True,
+                batch_id=batch.batch_id,
+            )
+        except TransactionFailed as exc:
+            return str(exc)
+        await self._journal.tx_state(batch.batch_id, tx.upstream, "committed")
+        return None
+
+    async def _roll_back(
+        self, batch: JournaledBatch, ctx: CallContext, machine: BatchStateMachine, *,
+        committed: list[str] | None = None, reason: str = "recovery",
+    ) -> tuple[BatchState, str]:
+        if machine.state is not BatchState.COMPENSATING:
+            machine.to(BatchState.COMPENSATING)
+            await self._journal.batch_state(batch.batch_id, BatchState.COMPENSATING, reason)
+        problems = [f"{u}: its transaction was already committed" for u in committed or []]
+        problems += await self._rollback_transactions(batch, ctx, set(committed or []))
         for step in sorted(batch.steps, key=_undo_order):
             problem = await self._undo(batch.batch_id, step, ctx)
             if problem is not None:
@@ -110,23 +175,27 @@ class Recovery:
         log.warning("batch_recovered", batch_id=batch.batch_id, outcome=final.value, detail=detail)
         return final, detail
 
-    async def _rollback_transactions(self, batch: JournaledBatch, ctx: CallContext) -> list[str]:
+    async def _rollback_transactions(
+        self, batch: JournaledBatch, ctx: CallContext, skip: set[str]
+    ) -> list[str]:
         problems: list[str] = []
         for tx in batch.transactions:
             settings = self._config.upstreams[tx.upstream].transactions
-            if tx.state in ("rolled_back", "never_begun") or settings is None:
+            if tx.state in ("rolled_back", "never_begun") or settings is None or tx.upstream in skip:
                 continue
             if tx.state == "committed":
                 problems.append(f"{tx.upstream}: its transaction was already committed")
                 continue
-            if tx.token is None:
-                problems.append(f"{tx.upstream}: a transaction may be open but its token was never recorded")
+            token = tx.token or await self._replayed_token(batch, tx, settings, ctx)
+            if token is None:
+                problems.append(f"{tx.upstream}: a transaction may be open but its token was never recorded"
+                                + self._expiry_note(tx.upstream))
                 continue
             try:
                 await end_transaction(
                     self._pool, self._routes, tx.upstream, settings,
-                    token=tx.token, headers=call_headers(ctx.base_headers, tx.headers or []),
-                    commit=False, retry=self._config.batch.rollback,
+                    token=token, headers=call_headers(ctx.base_headers, tx.headers or []),
+                    commit=False, retry=self._config.batch.rollback, batch_id=batch.batch_id,
                 )
             except TransactionFailed as exc:
                 problems.append(str(exc))
@@ -134,10 +203,38 @@ class Recovery:
             await self._journal.tx_state(batch.batch_id, tx.upstream, "rolled_back")
         return problems
 
+    async def _replayed_token(
+        self, batch: JournaledBatch, tx: JournaledTransaction, settings: Transactions, ctx: CallContext
+    ) -> str | None:
+        """A begin whose answer was never journaled, re-sent with its key (idempotent upstreams)."""
+        if not self._config.upstreams[tx.upstream].idempotency_keys:
+            return None
+        token = await replay_begin(
+            self._pool, ctx, tx.upstream, settings, own_headers=tx.headers or [],
+            batch_id=batch.batch_id, seconds=lifetime(self._config, tx.upstream),
+        )
+        if token is not None:
+            await self._journal.tx_state(batch.batch_id, tx.upstream, "open", token=token)
+        return token
+
+    def _expiry_note(self, upstream: str) -> str:
+        settings = self._config.upstreams[upstream].transactions
+        if settings is not None and "{timeout}" in f"{settings.begin.path}{settings.begin.body}":
+            return f" (it was begun with a lifetime of {lifetime(self._config, upstream)} s)"
+        return ""
+
     async def _undo(self, batch_id: str, step: JournaledStep, ctx: CallContext) -> str | None:
         if step.state in ("failed", "not_sent") or step.undo_state == "undone":
             return None
-        outcome = step.outcome if step.state == "done" else None
+        state, outcome = step.state, step.outcome if step.state == "done" else None
+        if outcome is None and self._needs_replay(step, ctx):
+            replayed = await replay_forward(self._pool, ctx, step.intent, f"{batch_id}.{step.position}")
+            if replayed is not None:
+                state = "failed" if replayed["status"] >= 400 else "done"
+                outcome = replayed
+                await self._journal.step_outcome(batch_id, step.position, state, replayed, step.seq or 0)
+                if state == "failed":
+                    return None
         result = await run_undo(
             self._pool, ctx, step.intent, outcome,
             f"{batch_id}.{step.position}.undo", self._config.batch.rollback,
@@ -146,6 +243,17 @@ class Recovery:
             batch_id, step.position, "undone" if result.done else "undo_failed", result.detail
         )
         return None if result.done else f"{step.intent.get('where', step.position)}: {result.detail}"
+
+    def _needs_replay(self, step: JournaledStep, ctx: CallContext) -> bool:
+        """Replay only when the undo cannot be built without the outcome (e.g. a create's id)."""
+        upstream = self._config.upstreams.get(step.intent.get("upstream", ""))
+        if upstream is None or not upstream.idempotency_keys:
+            return False
+        try:
+            undo_call(step.intent, None, ctx, "probe")
+        except UndoImpossible:
+            return True
+        return False
 
 
 def _upstreams_of(batch: JournaledBatch) -> set[str]:

@@ -10,21 +10,29 @@ from typing import Any
 from aiohttp import web
 
 from gateway.config import GatewayConfig, parse_config
-from gateway.demo.services import TOKEN_HEADER, ledger_app, legacy_app
+from gateway.demo.services import DEMO_STATE, TOKEN_HEADER, ledger_app, legacy_app
 
 
 def demo_config_data(
-    legacy_url: str, ledger_url: str, *, port: int = 8080, journal: str = "demo-journal.sqlite3"
+    legacy_url: str, ledger_url: str, *, port: int = 8080, journal: str = "demo-journal.sqlite3",
+    idempotency_keys: bool = False,
 ) -> dict[str, Any]:
-    """The demo routing: /orders -> legacy (compensation), /accounts and /tx -> ledger (tokens)."""
+    """The demo routing: /orders -> legacy (compensation), /accounts and /tx -> ledger (tokens).
+
+    `idempotency_keys` declares that both upstreams honour Idempotency-Key (the demo services do,
+    unless switched off), so recovery may replay calls whose outcome a crash left unknown.
+    """
     return {
         "listen": {"host": "127.0.0.1", "port": port},
         "upstreams": {
-            "legacy": {"url": legacy_url, "infer_compensations": True},
+            "legacy": {
+                "url": legacy_url, "infer_compensations": True, "idempotency_keys": idempotency_keys,
+            },
             "ledger": {
                 "url": ledger_url,
+                "idempotency_keys": idempotency_keys,
                 "transactions": {
-                    "begin": {"method": "POST", "path": "/tx"},
+                    "begin": {"method": "POST", "path": "/tx", "body": {"timeout": "{timeout}"}},
                     "token": {"json_field": "token"},
                     "header": TOKEN_HEADER,
                     "commit": {"method": "POST", "path": "/tx/{token}/commit"},
@@ -59,13 +67,20 @@ async def start_site(
 
 
 async def start_demo_upstreams(
-    legacy_port: int = 0, ledger_port: int = 0
+    legacy_port: int = 0, ledger_port: int = 0, *, idempotency_keys: bool = True
 ) -> tuple[list[web.AppRunner], str, str]:
-    legacy_runner, legacy_url = await start_site(legacy_app(), port=legacy_port)
-    ledger_runner, ledger_url = await start_site(ledger_app(), port=ledger_port)
+    legacy, ledger = legacy_app(), ledger_app()
+    for app in (legacy, ledger):
+        app[DEMO_STATE].honour_idempotency_keys = idempotency_keys
+    legacy_runner, legacy_url = await start_site(legacy, port=legacy_port)
+    ledger_runner, ledger_url = await start_site(ledger, port=ledger_port)
     return [legacy_runner, ledger_runner], legacy_url, ledger_url
 
 
-def demo_config(legacy_url: str, ledger_url: str, *, port: int, journal: str) -> GatewayConfig:
-    data = demo_config_data(legacy_url, ledger_url, port=port, journal=journal)
+def demo_config(
+    legacy_url: str, ledger_url: str, *, port: int, journal: str, idempotency_keys: bool = True
+) -> GatewayConfig:
+    data = demo_config_data(
+        legacy_url, ledger_url, port=port, journal=journal, idempotency_keys=idempotency_keys
+    )
     return parse_config(data, "<demo>")

@@ -9,6 +9,7 @@ import base64
 import hashlib
 import json
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -45,7 +46,11 @@ class DemoState:
     transactions: dict[str, Store] = field(default_factory=dict)
     faults: list[FaultRule] = field(default_factory=list)
     calls: list[dict[str, Any]] = field(default_factory=list)
-    idempotent: dict[str, tuple[int, Record]] = field(default_factory=dict)
+    honour_idempotency_keys: bool = True
+    """A repeated Idempotency-Key replays the first answer (switch off with /_demo/idempotency)."""
+    answers: dict[str, tuple[int, bytes, list[tuple[str, str]]]] = field(default_factory=dict)
+    expires: dict[str, float] = field(default_factory=dict)
+    """Transaction token -> monotonic time after which it is rolled back on its own."""
     in_flight: int = 0
     max_in_flight: int = 0
 
@@ -95,17 +100,36 @@ async def demo_middleware(request: web.Request, handler: Handler) -> web.StreamR
         state.in_flight -= 1
 
 
+async def _replaying(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Idempotency-Key: the first answer to a key is kept and returned again for a repeat."""
+    state, key = _state(request), request.headers.get("Idempotency-Key")
+    if key is None or not state.honour_idempotency_keys:
+        return await handler(request)
+    if key in state.answers:
+        status, body, headers = state.answers[key]
+        return web.Response(status=status, body=body, headers=headers)
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        response = exc
+    if isinstance(response, web.Response) and response.status < 500:
+        headers = [(k, v) for k, v in response.headers.items() if k.lower() in ("location", "content-type")]
+        state.answers[key] = (response.status, bytes(response.body or b""), headers)  # type: ignore[arg-type]
+    return response
+
+
 async def _apply_fault(request: web.Request, handler: Handler) -> web.StreamResponse:
+    _expire_transactions(_state(request))
     rule = _take_fault(request)
     if rule is None:
-        return await handler(request)
+        return await _replaying(request, handler)
     if rule.delay_ms:
         await asyncio.sleep(rule.delay_ms / 1000)
     if rule.drop == "before":
         return _drop(request)
     if rule.status is not None:
         return web.json_response({"error": "injected fault"}, status=rule.status)
-    response = await handler(request)
+    response = await _replaying(request, handler)
     if rule.drop == "after":
         return _drop(request)
     return response
@@ -136,14 +160,7 @@ def crud_routes(collection: str) -> list[web.RouteDef]:
     """POST/GET on /<collection>, GET/PUT/PATCH/DELETE on /<collection>/{id}."""
 
     async def create(request: web.Request) -> web.Response:
-        key = request.headers.get("Idempotency-Key")
-        state = _state(request)
-        if key is not None and key in state.idempotent:
-            status, record = state.idempotent[key]
-            return _record_response(collection, record, status)
         record = _store_for(request).create(await _json_body(request))
-        if key is not None:
-            state.idempotent[key] = (201, record)
         return _record_response(collection, record, 201)
 
     async def listing(request: web.Request) -> web.Response:
@@ -192,13 +209,24 @@ def _record_response(collection: str, record: Record, status: int) -> web.Respon
     return response
 
 
+def _expire_transactions(state: DemoState) -> None:
+    now = time.monotonic()
+    for token in [t for t, ends in state.expires.items() if ends <= now]:
+        state.transactions.pop(token, None)
+        del state.expires[token]
+
+
 def transaction_routes() -> list[web.RouteDef]:
     """POST /tx -> {"token"}; POST /tx/{token}/commit and /rollback."""
 
     async def begin(request: web.Request) -> web.Response:
+        """`{"timeout": seconds}` in the body (optional): rolled back on its own after that."""
         state = _state(request)
         token = secrets.token_hex(8)
         state.transactions[token] = state.store.fork()
+        body = await request.json() if request.can_read_body else None
+        if isinstance(body, dict) and isinstance(body.get("timeout"), int | float):
+            state.expires[token] = time.monotonic() + float(body["timeout"])
         return web.json_response({"token": token}, status=201, headers={TOKEN_HEADER: token})
 
     async def finish(request: web.Request) -> web.Response:
@@ -224,6 +252,7 @@ def utility_routes() -> list[web.RouteDef]:
         web.get("/_demo/state", _dump_state),
         web.get("/_demo/calls", _dump_calls),
         web.post("/_demo/faults", _add_fault),
+        web.post("/_demo/idempotency", _set_idempotency),
         web.post("/_demo/reset", _reset),
     ]
 
@@ -284,6 +313,12 @@ async def _dump_calls(request: web.Request) -> web.Response:
 async def _add_fault(request: web.Request) -> web.Response:
     _state(request).faults.append(FaultRule(**await request.json()))
     return web.json_response({"faults": len(_state(request).faults)})
+
+
+async def _set_idempotency(request: web.Request) -> web.Response:
+    """`{"honour": false}` makes the service ignore Idempotency-Key (each call runs again)."""
+    _state(request).honour_idempotency_keys = bool((await request.json()).get("honour", True))
+    return web.json_response({"honour": _state(request).honour_idempotency_keys})
 
 
 async def _reset(request: web.Request) -> web.Response:
