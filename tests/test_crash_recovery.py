@@ -74,6 +74,8 @@ class GatewayProcess:
         self.config, self.journal, self.port, self.logs = config, journal, port, logs
         self.base = f"http://127.0.0.1:{port}"
         self.process: asyncio.subprocess.Process | None = None
+        self.env: dict[str, str] = {}
+        """Extra environment for the next process (e.g. a test crash point)."""
         self._runs = 0
 
     async def _spawn(self, *args: str) -> asyncio.subprocess.Process:
@@ -83,7 +85,7 @@ class GatewayProcess:
             return await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "gateway", "--log-json", *args, "--config", str(self.config),
                 cwd=ROOT, stdout=out, stderr=asyncio.subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
             )
         finally:
             out.close()

@@ -126,28 +126,43 @@ class Journal(Protocol):
 
 
 class CrashPoint:
-    """Test-only: SIGKILL this process right after the Nth durable journal write of a batch.
+    """Test-only: SIGKILL this process around the Nth durable journal write of a batch.
 
-    Enabled by `GATEWAY_TEST_CRASH_AFTER_WRITE=N` (the crash-point tests iterate N); without it
-    the journal never builds one, so it costs nothing.
+    `GATEWAY_TEST_CRASH_AFTER_WRITE=N` kills right after the Nth write of a batch is durable;
+    `GATEWAY_TEST_CRASH_BEFORE_WRITE=N` right before it (so what happened since the previous write,
+    e.g. an upstream call, is not journaled). The crash-point tests iterate N. Without either
+    variable the journal never builds one, so it costs nothing.
     """
 
-    VARIABLE = "GATEWAY_TEST_CRASH_AFTER_WRITE"
+    AFTER = "GATEWAY_TEST_CRASH_AFTER_WRITE"
+    BEFORE = "GATEWAY_TEST_CRASH_BEFORE_WRITE"
 
-    def __init__(self, after: int) -> None:
-        self._after = after
+    def __init__(self, after: int | None, before: int | None) -> None:
+        self._after, self._before = after, before
         self._counts: dict[str, int] = {}
 
     @classmethod
     def from_environment(cls) -> CrashPoint | None:
-        value = os.environ.get(cls.VARIABLE, "")
-        return cls(int(value)) if value.isdigit() and int(value) > 0 else None
+        after, before = (_positive(os.environ.get(name, "")) for name in (cls.AFTER, cls.BEFORE))
+        return None if after is None and before is None else cls(after, before)
+
+    def writing(self, batch_id: str) -> None:
+        if self._before is not None and self._counts.get(batch_id, 0) + 1 == self._before:
+            self._kill(batch_id, "before", self._before)
 
     def written(self, batch_id: str) -> None:
         count = self._counts[batch_id] = self._counts.get(batch_id, 0) + 1
         if count == self._after:
-            log.warning("test_crash_point", batch_id=batch_id, write=count)
-            os.kill(os.getpid(), signal.SIGKILL)
+            self._kill(batch_id, "after", count)
+
+    @staticmethod
+    def _kill(batch_id: str, when: str, write: int) -> None:
+        log.warning("test_crash_point", batch_id=batch_id, when=when, write=write)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _positive(text: str) -> int | None:
+    return int(text) if text.isdigit() and int(text) > 0 else None
 
 
 def _dump(value: Any) -> str | None:
@@ -208,6 +223,8 @@ class SqliteJournal:
         secrets: dict[str, str] | None = None,
     ) -> int:
         """One durable write (plus the secrets it refers to); returns the rows changed."""
+        if self._crash_point is not None:
+            self._crash_point.writing(batch_id)
         try:
             if secrets:
                 await self._conn.executemany(

@@ -88,7 +88,7 @@ class Recovery:
             detail = f"recovery failed: {exc!r}; see gateway batches show {batch_id}"
             final = await self._mark_incomplete(batch_id, detail)
         report.outcomes[batch_id] = final
-        if final is not BatchState.ROLLED_BACK:
+        if final not in (BatchState.ROLLED_BACK, BatchState.COMMITTED):
             report.needs_operator[batch_id] = detail
 
     async def _mark_incomplete(self, batch_id: str, detail: str) -> BatchState:
@@ -242,7 +242,11 @@ class Recovery:
         await self._journal.step_undo(
             batch_id, step.position, "undone" if result.done else "undo_failed", result.detail
         )
-        return None if result.done else f"{step.intent.get('where', step.position)}: {result.detail}"
+        if result.done:
+            return None
+        intent = step.intent
+        call = f"{intent.get('method')} {intent.get('path')} on {intent.get('upstream')!r}"
+        return f"{intent.get('where', step.position)} ({call}): {result.detail}"
 
     def _needs_replay(self, step: JournaledStep, ctx: CallContext) -> bool:
         """Replay only when the undo cannot be built without the outcome (e.g. a create's id)."""
