@@ -18,6 +18,7 @@ from aiohttp import web
 
 from gateway import operator_commands
 from gateway.app import create_app
+from gateway.atomicity.secrets import load_key
 from gateway.config import GatewayConfig, load_config
 from gateway.errors import ConfigError, JournalUnavailable
 from gateway.log import configure_logging
@@ -71,7 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(level=args.log_level, json_output=True if args.log_json else None)
     try:
         if args.command == "check-config":
-            load_config(args.file)
+            checked = load_config(args.file)
+            load_key(checked.journal.key_env, checked.journal.key_file, args.file)
             print(f"{args.file}: OK")
             return 0
         if args.command == "demo":

@@ -6,6 +6,7 @@ Each batch is recovered on its own: one that cannot be (bad record, refused valu
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import structlog
@@ -120,7 +121,7 @@ class Recovery:
             if tx.state in ("committed", "never_begun") or settings is None:
                 committed += [tx.upstream] if tx.state == "committed" else []
                 continue
-            error = await self._commit(batch, tx, settings, ctx)
+            error, status = await self._commit(batch, tx, settings, ctx)
             if error is None:
                 committed.append(tx.upstream)
                 continue
@@ -132,6 +133,12 @@ class Recovery:
                 log.error("batch_recovered", batch_id=batch.batch_id, outcome="rollback_incomplete",
                           detail=detail)
                 return BatchState.ROLLBACK_INCOMPLETE, detail
+            if status in (404, 410):  # an idempotent upstream knows no such transaction: it ended
+                await self._journal.tx_state(batch.batch_id, tx.upstream, "gone")
+                batch = dataclasses.replace(batch, transactions=tuple(
+                    dataclasses.replace(t, state="gone") if t.upstream == tx.upstream else t
+                    for t in batch.transactions
+                ))
             machine = BatchStateMachine(BatchState.COMMITTING)
             return await self._roll_back(batch, ctx, machine, committed=committed, reason=error)
         detail = "recovered after restart: rolled forward (the commit decision was journaled)"
@@ -141,9 +148,10 @@ class Recovery:
 
     async def _commit(
         self, batch: JournaledBatch, tx: JournaledTransaction, settings: Transactions, ctx: CallContext
-    ) -> str | None:
+    ) -> tuple[str | None, int | None]:
+        """Re-send one commit: (None, None) when it is committed, else the error and the status."""
         if tx.token is None:
-            return f"{tx.upstream}: no token was journaled, so its transaction cannot be committed"
+            return f"{tx.upstream}: no token was journaled, so its transaction cannot be committed", None
         try:
             await end_transaction(
                 self._pool, self._routes, tx.upstream, settings, token=tx.token,
@@ -151,9 +159,9 @@ class Recovery:
                 batch_id=batch.batch_id,
             )
         except TransactionFailed as exc:
-            return str(exc)
+            return str(exc), exc.status
         await self._journal.tx_state(batch.batch_id, tx.upstream, "committed")
-        return None
+        return None, None
 
     async def _roll_back(
         self, batch: JournaledBatch, ctx: CallContext, machine: BatchStateMachine, *,
@@ -181,7 +189,7 @@ class Recovery:
         problems: list[str] = []
         for tx in batch.transactions:
             settings = self._config.upstreams[tx.upstream].transactions
-            if tx.state in ("rolled_back", "never_begun") or settings is None or tx.upstream in skip:
+            if tx.state in ("rolled_back", "never_begun", "gone") or settings is None or tx.upstream in skip:
                 continue
             if tx.state == "committed":
                 problems.append(f"{tx.upstream}: its transaction was already committed")

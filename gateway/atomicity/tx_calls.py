@@ -28,7 +28,14 @@ from gateway.upstream import UpstreamCall, UpstreamPool
 
 
 class TransactionFailed(Exception):
-    """Begin, commit or rollback did not succeed; the message says which and why."""
+    """Begin, commit or rollback did not succeed; the message says which and why.
+
+    `status` is the upstream's answer when it gave one (404/410: it knows no such transaction).
+    """
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def tx_key(batch_id: str, upstream: str, action: str = "") -> str:
@@ -140,18 +147,21 @@ async def end_transaction(
         timeout=settings.timeout, what=action,
     )
 
+    answered: list[int] = []
+
     async def attempt() -> str | None:
         try:
             response = await pool.send(call)
         except UpstreamError as exc:
             return f"{action} on {upstream!r} failed: {exc.detail}"
+        answered.append(response.status)
         if not 200 <= response.status < 300:
             return f"{action} on {upstream!r} answered {response.status}"
         return None
 
     error = await (attempt() if commit or retry is None else _retried(attempt, retry))
     if error is not None:
-        raise TransactionFailed(error)
+        raise TransactionFailed(error, answered[-1] if answered else None)
 
 
 async def _retried(attempt: Callable[[], Awaitable[str | None]], retry: Rollback) -> str | None:

@@ -220,13 +220,18 @@ def transaction_routes() -> list[web.RouteDef]:
     """POST /tx -> {"token"}; POST /tx/{token}/commit and /rollback."""
 
     async def begin(request: web.Request) -> web.Response:
-        """`{"timeout": seconds}` in the body (optional): rolled back on its own after that."""
+        """`{"timeout": seconds}` in the body or `?timeout=` (optional): rolled back after that."""
         state = _state(request)
         token = secrets.token_hex(8)
         state.transactions[token] = state.store.fork()
-        body = await request.json() if request.can_read_body else None
-        if isinstance(body, dict) and isinstance(body.get("timeout"), int | float):
-            state.expires[token] = time.monotonic() + float(body["timeout"])
+        try:
+            body = await request.json() if request.can_read_body else {}
+        except ValueError:
+            body = {}
+        timeout = body.get("timeout") if isinstance(body, dict) else None
+        timeout = request.query.get("timeout", timeout)
+        if isinstance(timeout, int | float | str) and str(timeout).replace(".", "", 1).isdigit():
+            state.expires[token] = time.monotonic() + float(timeout)
         return web.json_response({"token": token}, status=201, headers={TOKEN_HEADER: token})
 
     async def finish(request: web.Request) -> web.Response:
