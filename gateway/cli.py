@@ -80,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(_demo(args))
             return 0
         config = load_config(args.config)
+        load_key(config.journal.key_env, config.journal.key_file, args.config)  # names the file
         if args.command == "recover":
             return asyncio.run(operator_commands.recover(config))
         if args.command == "batches":

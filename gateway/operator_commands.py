@@ -30,8 +30,16 @@ def print_report(report: RecoveryReport) -> int:
 
 
 async def recover(config: GatewayConfig) -> int:
-    """Roll back every unfinished batch; 3 when some are left for an operator."""
-    return print_report(await with_recovery(config))
+    """Finish every unfinished batch; 3 when some (from this run or before) need an operator."""
+    report = await with_recovery(config)
+    journal = open_journal(config)
+    await journal.open()
+    try:
+        for summary in await journal.summaries():
+            report.needs_operator.setdefault(summary.batch_id, f"{summary.state}: {summary.detail or ''}")
+    finally:
+        await journal.close()
+    return print_report(report)
 
 
 async def retry(config: GatewayConfig, batch_id: str) -> int:
@@ -59,7 +67,7 @@ async def show(config: GatewayConfig, batch_id: str) -> int:
     journal = open_journal(config)
     await journal.open()
     try:
-        batch = await journal.batch(batch_id)
+        batch = await journal.batch(batch_id, reveal=False)
     finally:
         await journal.close()
     if batch is None:
@@ -74,7 +82,7 @@ async def resolve(config: GatewayConfig, batch_id: str, note: str) -> int:
     journal = open_journal(config)
     await journal.open()
     try:
-        batch = await journal.batch(batch_id)
+        batch = await journal.batch(batch_id, reveal=False)
         if batch is None:
             print(f"no batch {batch_id!r} in the journal")
             return EXIT_FAILED

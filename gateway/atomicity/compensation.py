@@ -50,9 +50,13 @@ class CallContext:
     """The most bytes a compressed upstream body may decode to (limits.max_response_bytes)."""
 
 
+_NOT_JOURNALED = frozenset({"content-encoding", "content-length", "set-cookie", "authorization", "cookie"})
+"""Response headers never kept: framing, and credentials an upstream hands out or echoes."""
+
+
 def encode_response(response: SubResponse, *, keep_body: bool = True, cap: int) -> dict[str, Any]:
     """A response for the journal, its Content-Encoding undone (an undecodable body is noted, not kept)."""
-    headers = [[k, v] for k, v in response.headers if k.lower() not in ("content-encoding", "content-length")]
+    headers = [[k, v] for k, v in response.headers if k.lower() not in _NOT_JOURNALED]
     encoded: dict[str, Any] = {"status": response.status, "headers": headers, "body_b64": ""}
     if keep_body:
         try:

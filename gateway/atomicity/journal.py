@@ -45,6 +45,9 @@ _ADDED_COLUMNS = {"batches": (("headers", "TEXT"), ("resolution", "TEXT"))}
 
 OPERATOR_STATES = (BatchState.ROLLBACK_INCOMPLETE,)
 """Final states that still need an operator (unless resolved)."""
+SETTLED_STATES = PRUNABLE_STATES
+"""A batch's secrets are erased once it reaches one of these (committed, rolled back, resolved); a
+rollback_incomplete batch keeps them until it is retried or resolved, so a retry can authenticate."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +122,7 @@ class Journal(Protocol):
     async def step_undo(self, batch_id: str, position: int, undo_state: str, detail: str | None) -> None: ...
     async def unfinished_ids(self) -> list[str]: ...
     async def unfinished(self) -> list[JournaledBatch]: ...
-    async def batch(self, batch_id: str) -> JournaledBatch | None: ...
+    async def batch(self, batch_id: str, *, reveal: bool = True) -> JournaledBatch | None: ...
     async def summaries(self, *, everything: bool = False, limit: int = 1000) -> list[BatchSummary]: ...
     async def resolve(self, batch_id: str, note: str) -> None: ...
     async def prune(self, older_than_seconds: float) -> int: ...
@@ -263,7 +266,7 @@ class SqliteJournal:
             (batch_id, state.value, detail, now, now, _dump(stored)),
             batch_id, secrets,
         )
-        if state.final:
+        if state in SETTLED_STATES:
             await self._erase_secrets(batch_id)
 
     async def _erase_secrets(self, batch_id: str) -> None:
@@ -360,8 +363,12 @@ class SqliteJournal:
         finals = {s.value for s in FINAL_STATES}
         return [s for s in summaries if s.state in wanted or s.state not in finals][:limit]
 
-    async def batch(self, batch_id: str) -> JournaledBatch | None:
-        """The batch with its headers unsealed; raises ValueError/KeyError on a corrupt record."""
+    async def batch(self, batch_id: str, *, reveal: bool = True) -> JournaledBatch | None:
+        """The batch with its headers unsealed; raises ValueError/KeyError on a corrupt record.
+
+        `reveal` (for calls): a secret this process cannot decrypt raises SecretUnavailable;
+        without it (for operators) such a value reads `<sealed>`.
+        """
         rows = await self._read(
             "SELECT state, headers, detail, created, updated, resolution FROM batches WHERE batch_id=?",
             (batch_id,),
@@ -373,21 +380,21 @@ class SqliteJournal:
         return JournaledBatch(
             batch_id=batch_id,
             state=BatchState(state),
-            transactions=await self._transactions(batch_id, secrets),
-            steps=await self._steps(batch_id, secrets),
-            headers=tuple(self._unseal(headers, secrets)),
+            transactions=await self._transactions(batch_id, secrets, reveal),
+            steps=await self._steps(batch_id, secrets, reveal),
+            headers=tuple(self._unseal(headers, secrets, reveal)),
             detail=detail,
             created=created,
             updated=updated,
             resolution=resolution,
         )
 
-    def _unseal(self, stored: str | None, secrets: dict[str, str]) -> list[tuple[str, str]]:
+    def _unseal(self, stored: str | None, secrets: dict[str, str], reveal: bool) -> list[tuple[str, str]]:
         raw: StoredHeaders = [] if stored is None else json.loads(stored)
-        return self.sealer.unseal(raw, secrets)
+        return self.sealer.unseal(raw, secrets, strict=reveal)
 
     async def _transactions(
-        self, batch_id: str, secrets: dict[str, str]
+        self, batch_id: str, secrets: dict[str, str], reveal: bool
     ) -> tuple[JournaledTransaction, ...]:
         rows = await self._read(
             "SELECT upstream, state, token, headers FROM transactions WHERE batch_id=? ORDER BY upstream",
@@ -396,12 +403,14 @@ class SqliteJournal:
         return tuple(
             JournaledTransaction(
                 row[0], row[1], row[2],
-                None if row[3] is None else [list(h) for h in self._unseal(row[3], secrets)],
+                None if row[3] is None else [list(h) for h in self._unseal(row[3], secrets, reveal)],
             )
             for row in rows
         )
 
-    async def _steps(self, batch_id: str, secrets: dict[str, str]) -> tuple[JournaledStep, ...]:
+    async def _steps(
+        self, batch_id: str, secrets: dict[str, str], reveal: bool
+    ) -> tuple[JournaledStep, ...]:
         rows = await self._read(
             "SELECT position, state, intent, outcome, seq, undo_state, undo_detail FROM steps "
             "WHERE batch_id=? ORDER BY position",
@@ -410,7 +419,8 @@ class SqliteJournal:
         steps = []
         for row in rows:
             intent = json.loads(row[2])
-            intent["headers"] = [list(h) for h in self.sealer.unseal(intent.get("headers", []), secrets)]
+            stored_headers = intent.get("headers", [])
+            intent["headers"] = [list(h) for h in self.sealer.unseal(stored_headers, secrets, strict=reveal)]
             steps.append(JournaledStep(
                 position=row[0], state=row[1], intent=intent,
                 outcome=None if row[3] is None else json.loads(row[3]),

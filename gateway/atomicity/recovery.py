@@ -21,6 +21,7 @@ from gateway.atomicity.journal import (
 )
 from gateway.atomicity.replay import replay_begin, replay_forward
 from gateway.atomicity.rollback import run_undo
+from gateway.atomicity.secrets import SecretUnavailable
 from gateway.atomicity.state import BatchState, BatchStateMachine
 from gateway.atomicity.tx_calls import TransactionFailed, end_transaction, lifetime
 from gateway.config import GatewayConfig, Transactions
@@ -84,6 +85,10 @@ class Recovery:
                 report.outcomes[batch_id] = batch.state
                 return
             final, detail = await self._recover(batch)
+        except SecretUnavailable as exc:  # acting without the credentials would fail and lose them
+            log.error("batch_secrets_unreadable", batch_id=batch_id, detail=str(exc))
+            report.needs_operator[batch_id] = f"kept unfinished: {exc}"
+            return
         except Exception as exc:  # a record this gateway cannot act on must not stop the others
             log.exception("batch_recovery_failed", batch_id=batch_id)
             detail = f"recovery failed: {exc!r}; see gateway batches show {batch_id}"

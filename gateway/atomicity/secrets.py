@@ -19,6 +19,10 @@ from gateway.errors import ConfigError
 StoredHeaders = list[list[Any]]
 
 
+class SecretUnavailable(Exception):
+    """A journaled secret exists but this process cannot decrypt it (missing or different key)."""
+
+
 class HeaderSealer:
     """Splits sensitive header values out of header lists and puts them back."""
 
@@ -45,16 +49,24 @@ class HeaderSealer:
             stored.append([name, {"secret": ref}])
         return stored, secrets
 
-    def unseal(self, stored: Iterable[Sequence[Any]], secrets: Mapping[str, str]) -> list[tuple[str, str]]:
-        """The headers back; a secret that was erased (or cannot be decrypted) is left out."""
+    def unseal(
+        self, stored: Iterable[Sequence[Any]], secrets: Mapping[str, str], *, strict: bool = True
+    ) -> list[tuple[str, str]]:
+        """The headers back. A secret that was erased is left out; one that is still stored but
+        cannot be revealed (no key, another key) raises SecretUnavailable when `strict`, else is
+        shown as `<sealed>` (for operators, who never see secret values anyway)."""
         headers: list[tuple[str, str]] = []
         for name, value in stored:
             if isinstance(value, str):
                 headers.append((str(name), value))
             elif isinstance(value, dict) and value.get("secret") in secrets:
                 plain = self._reveal(secrets[value["secret"]])
-                if plain is not None:
-                    headers.append((str(name), plain))
+                if plain is None and strict:
+                    raise SecretUnavailable(
+                        f"the journaled {name} header cannot be decrypted with the configured "
+                        "journal key (journal.key_env / journal.key_file)"
+                    )
+                headers.append((str(name), "<sealed>" if plain is None else plain))
         return headers
 
     def _protect(self, value: str) -> str:

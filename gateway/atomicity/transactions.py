@@ -12,6 +12,7 @@ from gateway.atomicity.journal import Journal
 from gateway.atomicity.tx_calls import (
     TransactionFailed,
     begin_call,
+    end_problem,
     end_transaction,
     read_token,
     token_problem,
@@ -59,10 +60,15 @@ class TransactionSet:
         async with self._locks[upstream]:
             if upstream not in self.tokens:
                 await self._begin(upstream, [list(pair) for pair in own_headers])
-            problem = token_problem(self.tokens[upstream])
+            token = self.tokens[upstream]
+            unusable = end_problem(self._settings[upstream], token)
+            if unusable is not None:  # no call may ride in a transaction that cannot be ended
+                self.lost[upstream] = f"{unusable}; the transaction may be left open on {upstream!r}"
+                raise TransactionFailed(unusable)
+            problem = token_problem(token)
             if problem is not None:
                 raise TransactionFailed(f"{problem}; the transaction is rolled back by its path")
-            return self.tokens[upstream]
+            return token
 
     def _headers(self, upstream: str) -> list[tuple[str, str]]:
         return call_headers(self._base_headers, self.headers.get(upstream, []))

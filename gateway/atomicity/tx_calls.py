@@ -9,17 +9,12 @@ import json
 import math
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import unquote
 
 from gateway.atomicity.compensation import HeaderPairs, gateway_headers
 from gateway.atomicity.rollback import with_retries
 from gateway.atomicity.templates import TemplateError, lookup, render_body, render_path
-from gateway.atomicity.untrusted import (
-    MAX_TOKEN_CHARS,
-    UntrustedValue,
-    checked_path,
-    checked_token,
-    header_safe,
-)
+from gateway.atomicity.untrusted import MAX_TOKEN_CHARS, UntrustedValue, checked_token
 from gateway.config import CallTemplate, GatewayConfig, Rollback, Transactions
 from gateway.errors import UpstreamError
 from gateway.model import SubResponse
@@ -57,8 +52,7 @@ def template_call(
 ) -> UpstreamCall:
     """Render a transaction template (path, optional `?query`, optional JSON body) into a call."""
     try:
-        path, _, query = render_path(template.path, values).partition("?")
-        path = checked_path(path, scope="", what=f"{what} path")
+        path, query = rendered_path(template, values, what)
         body = None if template.body is None else render_body(template.body, values)
     except (UntrustedValue, TemplateError) as exc:
         raise TransactionFailed(f"{what} on {upstream!r} not sent: {exc}") from None
@@ -69,6 +63,36 @@ def template_call(
         upstream, template.method, routes.upstream_url(upstream, Target(path, query)),
         gateway_headers(headers, extra), encoded, timeout=timeout,
     )
+
+
+def rendered_path(template: CallTemplate, values: dict[str, Any], what: str) -> tuple[str, str]:
+    """The template's path and query with its values in (each percent-encoded as one segment).
+
+    The literal part was checked at config load; a value may hold any bytes, encoded, but the
+    path must not gain dot segments or empty segments from it (also when decoded).
+    """
+    path, _, query = render_path(template.path, values).partition("?")
+    segments = path.split("/")[1:]
+    empty_inside = "" in segments[:-1]
+    if not path.startswith("/") or empty_inside or any(_dot_segment(segment) for segment in segments):
+        raise UntrustedValue(f"{what} path {path[:200]!r} refused: dot or empty segments")
+    return path, query
+
+
+def _dot_segment(segment: str) -> bool:
+    return segment in (".", "..") or any(part in (".", "..") for part in unquote(segment).split("/"))
+
+
+def end_problem(settings: Transactions, token: str) -> str | None:
+    """Why a transaction with this token could not be committed or rolled back, or None."""
+    for template, what in ((settings.commit, "commit"), (settings.rollback, "rollback")):
+        try:
+            rendered_path(template, {"token": token}, what)
+        except UntrustedValue as exc:
+            return f"the begin response's token cannot name its transaction: {exc}"
+        if token_problem(token) is not None and "{token}" not in template.path:
+            return "the begin response's token can travel neither in a header nor in the " + what + " path"
+    return None
 
 
 def begin_call(
@@ -135,7 +159,7 @@ async def end_transaction(
     action = "commit" if commit else "rollback"
     template = settings.commit if commit else settings.rollback
     extra: dict[str, str] = {"Idempotency-Key": tx_key(batch_id, upstream, action)} if batch_id else {}
-    if header_safe(token):
+    if token_problem(token) is None:
         extra[settings.header] = token
     elif "{token}" not in template.path:
         raise TransactionFailed(

@@ -63,16 +63,18 @@ def created_path_from_location(
         raise UntrustedValue(f"Location {location[:200]!r} refused: too long or holds control characters")
     if location.startswith("//") or "\\" in location:
         raise UntrustedValue(f"Location {location[:200]!r} refused: scheme-relative or backslash")
-    try:
+    try:  # yarl raises ValueError, IndexError, ... on odd input: any of them is a refusal
         given = URL(location)
         resolved = forward_url.join(given)
-    except (ValueError, TypeError) as exc:
-        raise UntrustedValue(f"Location {location[:200]!r} refused: not a URL ({exc})") from None
-    if given.is_absolute() and (given.user is not None or given.password is not None):
+        has_credentials = given.user is not None or given.password is not None
+        same_origin = resolved.is_absolute() and resolved.origin() == forward_url.origin()
+        raw_path = given.raw_path if given.raw_path.startswith("/") else resolved.raw_path
+    except Exception as exc:
+        raise UntrustedValue(f"Location {location[:200]!r} refused: not a usable URL ({exc!r})") from None
+    if has_credentials:
         raise UntrustedValue(f"Location {location[:200]!r} refused: it carries credentials")
-    if resolved.origin() != forward_url.origin() or resolved.user is not None:
+    if not same_origin or resolved.user is not None:
         raise UntrustedValue(f"Location {location[:200]!r} refused: it points outside the upstream")
-    raw_path = given.raw_path if given.raw_path.startswith("/") else resolved.raw_path
     if _has_dot_segments(given.raw_path) or "//" in raw_path:
         raise UntrustedValue(f"Location {location[:200]!r} refused: dot segments or an empty segment")
     base = base_path.rstrip("/")
