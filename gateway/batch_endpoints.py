@@ -5,11 +5,15 @@ Control headers (`X-Batch-Atomic`, `X-Batch-Execution`) are read here and never 
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
+
 import structlog
 from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway.batch_service import new_batch_id
+from gateway.budget import ByteBudget
 from gateway.config import BatchEndpoint, GatewayConfig
 from gateway.errors import ClientError, PayloadTooLarge, UnsupportedMediaType
 from gateway.formats.json_batch import JsonBatchCodec
@@ -77,7 +81,9 @@ def execution_mode(request: web.Request, endpoint: BatchEndpoint) -> ExecutionMo
         ) from None
 
 
-async def run_batch(request: web.Request, item: Item, endpoint: BatchEndpoint) -> BatchReport:
+async def run_batch(
+    request: web.Request, item: Item, endpoint: BatchEndpoint, budget: ByteBudget
+) -> BatchReport:
     service = request.app[GATEWAY].batches
     batch_id = new_batch_id()
     request[BATCH_ID] = batch_id
@@ -85,8 +91,26 @@ async def run_batch(request: web.Request, item: Item, endpoint: BatchEndpoint) -
     atomic = wants_atomic(request, endpoint)
     outer = outer_request(request)
     if atomic:
-        return await service.run_atomic(item, outer, batch_id=batch_id)
-    return await service.run(item, outer, batch_id=batch_id)
+        return await service.run_atomic(item, outer, batch_id=batch_id, budget=budget)
+    return await service.run(item, outer, batch_id=batch_id, budget=budget)
+
+
+async def write_answer(
+    request: web.Request, chunks: Iterator[bytes], content_type: str, headers: dict[str, str]
+) -> web.StreamResponse:
+    """A small answer goes out with Content-Length; a bigger one chunked, as it is encoded."""
+    headers = {**headers, "Content-Type": content_type, "X-Request-ID": request[REQUEST_ID]}
+    first = next(chunks, b"")
+    second = next(chunks, None)
+    if second is None:
+        return web.Response(body=first, headers=headers)
+    response = web.StreamResponse(headers=headers)
+    response.enable_chunked_encoding()
+    await response.prepare(request)
+    for chunk in itertools.chain((first, second), chunks):
+        await response.write(chunk)
+    await response.write_eof()
+    return response
 
 
 def report_headers(report: BatchReport) -> dict[str, str]:
@@ -96,7 +120,7 @@ def report_headers(report: BatchReport) -> dict[str, str]:
     return headers
 
 
-async def json_batch(request: web.Request) -> web.Response:
+async def json_batch(request: web.Request) -> web.StreamResponse:
     request[KIND] = "batch_json"
     config = request.app[GATEWAY].config
     ctype = request.headers.get("Content-Type", "application/json").split(";")[0].strip().lower()
@@ -106,13 +130,17 @@ async def json_batch(request: web.Request) -> web.Response:
         )
     codec = JsonBatchCodec(config.batch.limits.batch_limits())
     item = codec.decode(await read_body(request, config.batch.limits.max_body_bytes, "/"))
-    report = await run_batch(request, item, config.batch.json_endpoint)
-    return web.Response(
-        body=codec.encode(report), content_type="application/json", headers=report_headers(report)
-    )
+    budget = request.app[GATEWAY].batches.new_budget()
+    try:
+        report = await run_batch(request, item, config.batch.json_endpoint, budget)
+        return await write_answer(
+            request, codec.encode_chunks(report), "application/json", report_headers(report)
+        )
+    finally:
+        budget.release()
 
 
-async def multipart_batch(request: web.Request) -> web.Response:
+async def multipart_batch(request: web.Request) -> web.StreamResponse:
     request[KIND] = "batch_multipart"
     config = request.app[GATEWAY].config
     endpoint = config.batch.multipart_endpoint
@@ -121,12 +149,14 @@ async def multipart_batch(request: web.Request) -> web.Response:
     batch = codec.decode(
         body, request.headers.get("Content-Type", ""), execution_mode(request, endpoint)
     )
-    report = await run_batch(request, batch, endpoint)
-    content_ids = [getattr(part, "content_id", None) for part in batch.items]
-    payload, content_type = codec.encode(report, content_ids=content_ids)
-    response = web.Response(body=payload, headers=report_headers(report))
-    response.headers["Content-Type"] = content_type
-    return response
+    budget = request.app[GATEWAY].batches.new_budget()
+    try:
+        report = await run_batch(request, batch, endpoint, budget)
+        content_ids = [getattr(part, "content_id", None) for part in batch.items]
+        chunks, content_type = codec.encode_chunks(report, content_ids=content_ids)
+        return await write_answer(request, chunks, content_type, report_headers(report))
+    finally:
+        budget.release()
 
 
 def add_batch_routes(app: web.Application, config: GatewayConfig) -> None:

@@ -13,6 +13,7 @@ import structlog
 from gateway.atomicity.coordinator import AtomicRun
 from gateway.atomicity.journal import Journal, open_journal
 from gateway.atomicity.plan import plan_atomicity
+from gateway.budget import ByteBudget
 from gateway.config import GatewayConfig
 from gateway.execution import Deadline, execute, plain_runner
 from gateway.metrics import GatewayMetrics
@@ -46,20 +47,33 @@ class BatchService:
         self.journal: Journal = journal or open_journal(config)
         self.planner = Planner(routes)
         self._in_flight: set[asyncio.Task[BatchReport]] = set()
+        limits = config.batch.limits
+        self.buffered = ByteBudget(limits.max_buffered_bytes, "limits.max_buffered_bytes")
+        """Sub-response bytes all batches of this process hold (each batch draws a child budget)."""
+
+    def new_budget(self) -> ByteBudget:
+        """A batch's budget; release it once the batch's answer is written."""
+        return self.buffered.child(
+            self._config.batch.limits.max_batch_buffer_bytes, "limits.max_batch_buffer_bytes"
+        )
 
     def deadline(self) -> Deadline:
         limits = self._config.batch.limits
         return Deadline(limits.batch_timeout, limits.call_timeout)
 
-    async def run(self, item: Item, outer: OuterRequest, *, batch_id: str) -> BatchReport:
+    async def run(
+        self, item: Item, outer: OuterRequest, *, batch_id: str, budget: ByteBudget | None = None
+    ) -> BatchReport:
         """Run a non-atomic batch: every item gets a result (or Skipped after a Serial failure)."""
         plan = self.planner.plan(item, outer)
-        root = await execute(plan.root, plain_runner(self._pool, self.deadline()))
+        root = await execute(plan.root, plain_runner(self._pool, self.deadline(), budget))
         self._count(plan, root)
         self._metrics.batches.labels("plain", "processed").inc()
         return BatchReport(root=root, batch_id=batch_id)
 
-    async def run_atomic(self, item: Item, outer: OuterRequest, *, batch_id: str) -> BatchReport:
+    async def run_atomic(
+        self, item: Item, outer: OuterRequest, *, batch_id: str, budget: ByteBudget | None = None
+    ) -> BatchReport:
         """Plan (422 if any call cannot be made atomic), then run all-or-nothing.
 
         The run is a task of its own, shielded: a client that disconnects (cancelling the handler)
@@ -70,6 +84,7 @@ class BatchService:
         run = AtomicRun(
             batch_id=batch_id, plan=plan, steps=steps, config=self._config, routes=self._routes,
             pool=self._pool, journal=self.journal, metrics=self._metrics, deadline=self.deadline(),
+            budget=budget,
         )
         task = asyncio.ensure_future(run.run())
         self._in_flight.add(task)

@@ -168,6 +168,10 @@ class Limits(_Strict):
     max_part_headers: int = Field(100, ge=1)
     max_part_header_bytes: int = Field(60 * 1024, ge=64)
     max_response_bytes: int = Field(10 * 1024 * 1024, ge=1)
+    max_batch_buffer_bytes: int = Field(64 * 1024 * 1024, ge=1)
+    """Sub-response bytes one batch may hold until its answer is written."""
+    max_buffered_bytes: int = Field(256 * 1024 * 1024, ge=1)
+    """Sub-response bytes all batches of this process may hold together."""
     call_timeout: float = Field(30.0, gt=0)
     batch_timeout: float = Field(120.0, gt=0)
 

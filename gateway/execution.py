@@ -12,6 +12,7 @@ from dataclasses import replace
 
 import structlog
 
+from gateway.budget import ByteBudget
 from gateway.errors import UpstreamError
 from gateway.model import (
     BatchResult,
@@ -90,13 +91,13 @@ async def _unordered(batch: PlannedBatch, run_call: CallRunner) -> BatchResult:
     return BatchResult(batch.mode, tuple(results))
 
 
-def plain_runner(pool: UpstreamPool, deadline: Deadline) -> CallRunner:
+def plain_runner(pool: UpstreamPool, deadline: Deadline, budget: ByteBudget | None = None) -> CallRunner:
     """A runner that sends each call as planned, bounded per upstream, within the deadline."""
 
     async def run(planned: PlannedCall) -> ItemResult:
         async with pool.bound(planned.upstream):
             started = time.perf_counter()
-            outcome = await send_within(pool, planned.call, deadline)
+            outcome = await send_within(pool, planned.call, deadline, budget)
         log_call(planned, outcome, started)
         return ItemResult(outcome)
 
@@ -117,13 +118,16 @@ def log_call(planned: PlannedCall, outcome: SubResponse | CallFailure, started: 
 
 
 async def send_within(
-    pool: UpstreamPool, call: UpstreamCall, deadline: Deadline
+    pool: UpstreamPool, call: UpstreamCall, deadline: Deadline, budget: ByteBudget | None = None
 ) -> SubResponse | CallFailure:
-    """Send a call with the time left; a missed deadline or upstream error becomes a CallFailure."""
+    """Send a call with the time left; a missed deadline or upstream error becomes a CallFailure.
+
+    The response body is reserved from `budget` (the batch's share of buffered bytes).
+    """
     timeout = deadline.call_timeout()
     if timeout <= 0:
         return CallFailure(504, "the batch deadline passed before this call could start")
     try:
-        return await pool.send(replace(call, timeout=timeout))
+        return await pool.send(replace(call, timeout=timeout), budget)
     except UpstreamError as exc:
         return CallFailure(exc.status, exc.detail, maybe_executed=exc.maybe_executed)

@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
+from gateway.budget import BudgetExceeded, ByteBudget
 from gateway.config import GatewayConfig
 from gateway.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from gateway.model import Headers, SubResponse
@@ -108,14 +109,18 @@ class UpstreamPool:
     def bound(self, upstream: str) -> asyncio.Semaphore:
         return self._bounds[upstream]
 
-    async def send(self, call: UpstreamCall) -> SubResponse:
-        """Make one call and read the whole response; raises UpstreamError subclasses only."""
+    async def send(self, call: UpstreamCall, budget: ByteBudget | None = None) -> SubResponse:
+        """Make one call and read the whole response; raises UpstreamError subclasses only.
+
+        With a `budget`, the body's bytes are reserved from it as they arrive (the batch holds
+        them until its answer is written); a body that does not fit is an UpstreamError.
+        """
         started = time.perf_counter()
         status = 0
         try:
             with translate_errors(call.upstream):
                 async with self._request(call) as response:
-                    body = await self._read_capped(call.upstream, response)
+                    body = await self._read_capped(call.upstream, response, budget)
                     status = response.status
                     return SubResponse(
                         status=response.status,
@@ -143,20 +148,37 @@ class UpstreamPool:
             **kwargs,
         )
 
-    async def _read_capped(self, upstream: str, response: aiohttp.ClientResponse) -> bytes:
-        body = await response.content.read(self._max_response_bytes + 1)
-        while len(body) <= self._max_response_bytes and not response.content.at_eof():
-            chunk = await response.content.read(self._max_response_bytes + 1 - len(body))
-            if not chunk:
-                break
-            body += chunk
-        if len(body) > self._max_response_bytes:
+    async def _read_capped(
+        self, upstream: str, response: aiohttp.ClientResponse, budget: ByteBudget | None
+    ) -> bytes:
+        """The body in one buffer (linear in its size), within max_response_bytes and the budget."""
+        body = bytearray()
+        limit = self._max_response_bytes
+        try:
+            async for chunk in response.content.iter_any():
+                if len(body) + len(chunk) > limit:
+                    raise UpstreamError(
+                        f"upstream {upstream!r} answered a body over {limit} bytes, "
+                        "the batch limit (limits.max_response_bytes)",
+                        maybe_executed=True,
+                    )
+                if budget is not None:
+                    budget.take(len(chunk))
+                body.extend(chunk)
+        except BudgetExceeded as exc:
+            self._give_back(budget, len(body))
             raise UpstreamError(
-                f"upstream {upstream!r} answered a body over {self._max_response_bytes} bytes, "
-                "the batch limit (limits.max_response_bytes)",
-                maybe_executed=True,
-            )
-        return body
+                f"the answer of upstream {upstream!r} was dropped: {exc}", maybe_executed=True
+            ) from None
+        except BaseException:
+            self._give_back(budget, len(body))
+            raise
+        return bytes(body)
+
+    @staticmethod
+    def _give_back(budget: ByteBudget | None, size: int) -> None:
+        if budget is not None:
+            budget.give_back(size)
 
     @asynccontextmanager
     async def stream(

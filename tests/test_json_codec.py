@@ -826,3 +826,18 @@ def test_mutated_documents_parse_or_raise_client_error(
         chunk = data.draw(st.sampled_from([b"", b"{", b"]", b'"', b"\\", b",", b"\xff", b"\x00"]))
         raw[at : at + data.draw(st.integers(0, 3), label="cut")] = chunk
     decodes_or_rejects(JsonBatchCodec(BatchLimits(max_depth=3, max_items=5)), bytes(raw))
+
+
+def test_a_big_answer_is_encoded_in_chunks_that_join_to_the_same_compact_json() -> None:
+    """The endpoint writes the answer chunk by chunk (issue 10): never the whole answer at once."""
+    big = bytes(range(256)) * 1024  # 256 KiB of binary: base64
+    inner = BatchResult(ExecutionMode.SERIAL, (ok(big, "application/octet-stream"), ok(b'"x"', "text/plain")))
+    root = BatchResult(ExecutionMode.UNORDERED, (ok(b'{"a": 1}', "application/json"), inner, ok(big)))
+    report = BatchReport(root=root, batch_id="b-chunks", atomic_outcome=BatchOutcome.COMMITTED)
+    chunks = list(CODEC.encode_chunks(report))
+    assert len(chunks) >= 3 and max(map(len, chunks)) < len(b"".join(chunks))
+    document = encoded(report)  # byte-exact compact JSON, valid against the seed schema
+    assert b"".join(chunks) == json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
+    assert document["Batch"]["items"][1]["Batch"]["items"][0]["SingleItem"]["Result"]["body"] == (
+        base64.b64encode(big).decode()
+    )

@@ -29,6 +29,7 @@ from gateway.atomicity.state import BatchState, BatchStateMachine
 from gateway.atomicity.transactions import TransactionFailed, TransactionSet
 from gateway.atomicity.tx_calls import lifetime
 from gateway.atomicity.untrusted import UntrustedValue
+from gateway.budget import ByteBudget
 from gateway.config import GatewayConfig
 from gateway.errors import JournalUnavailable, PayloadTooLarge
 from gateway.execution import Deadline, execute, failure_summary, log_call, send_within
@@ -79,9 +80,10 @@ class AtomicRun:
     def __init__(
         self, *, batch_id: str, plan: BatchPlan, steps: dict[int, AtomicStep],
         config: GatewayConfig, routes: RouteTable, pool: UpstreamPool, journal: Journal,
-        metrics: GatewayMetrics, deadline: Deadline,
+        metrics: GatewayMetrics, deadline: Deadline, budget: ByteBudget | None = None,
     ) -> None:
         self.batch_id, self.plan, self.steps = batch_id, plan, steps
+        self._budget_bytes = budget
         self._config, self._routes, self._pool = config, routes, pool
         self._journal, self._metrics, self._deadline = journal, metrics, deadline
         self._cap = config.batch.limits.max_response_bytes
@@ -195,7 +197,7 @@ class AtomicRun:
                 self.journal_error = exc.detail
                 return CallFailure(503, f"not sent: the journal could not record it ({exc.detail})")
         started = time.perf_counter()
-        outcome = await send_within(self._pool, call, self._deadline)
+        outcome = await send_within(self._pool, call, self._deadline, self._budget_bytes)
         log_call(planned, outcome, started)
         await self._record(planned.position, step, intent, outcome)
         return outcome
@@ -208,7 +210,7 @@ class AtomicRun:
             return CallFailure(502, f"not sent: no snapshot could be taken ({exc})")
         if call is None:
             return None
-        response = await send_within(self._pool, call, self._deadline)
+        response = await send_within(self._pool, call, self._deadline, self._budget_bytes)
         if isinstance(response, CallFailure):
             return CallFailure(response.status, f"snapshot before the call failed: {response.reason}")
         if not (200 <= response.status < 300 or response.status in (404, 410)):

@@ -7,9 +7,18 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Iterator
 
 from gateway.formats._strict_json import _MISSING, MAX_JSON_DEPTH, _loads, _nesting_depth, _NotJson
-from gateway.model import CallFailure, Headers, ItemResult, ResultNode, Skipped, SubResponse
+from gateway.model import (
+    BatchResult,
+    CallFailure,
+    Headers,
+    ItemResult,
+    ResultNode,
+    Skipped,
+    SubResponse,
+)
 
 _TEXT_TYPES = frozenset(
     {
@@ -141,4 +150,75 @@ def _dump(document: dict[str, object]) -> bytes:
     except UnicodeEncodeError:
         # A lone surrogate (an upstream's "\ud800" escape, a surrogate-escaped header byte) has no
         # UTF-8 form; it becomes U+FFFD rather than failing the whole batch's answer.
+        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace").encode("utf-8")
+
+
+_CHUNK = 64 * 1024
+
+
+def _dumps(value: object) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def iter_document(root: ResultNode, tail: dict[str, object]) -> Iterator[bytes]:
+    """The same bytes as `_dump({**_encode_node(root), **tail})`, item by item, in ~64 KiB chunks.
+
+    Only one item's encoding exists at a time, so an answer is never built twice in memory.
+    """
+    pending: list[str] = []
+    size = 0
+    for piece in _iter_pieces(root, tail):
+        if len(piece) >= _CHUNK:  # a big body: no extra copy through the pending buffer
+            if pending:
+                yield _utf8("".join(pending))
+                pending, size = [], 0
+            yield _utf8(piece)
+            continue
+        pending.append(piece)
+        size += len(piece)
+        if size >= _CHUNK:
+            yield _utf8("".join(pending))
+            pending, size = [], 0
+    if pending:
+        yield _utf8("".join(pending))
+
+
+def _iter_pieces(root: ResultNode, tail: dict[str, object]) -> Iterator[str]:
+    node_pieces = _iter_node(root)
+    yield from _all_but_last_brace(node_pieces)
+    for key, value in tail.items():
+        yield "," + _dumps(key) + ":" + _dumps(value)
+    yield "}"
+
+
+def _all_but_last_brace(pieces: Iterator[str]) -> Iterator[str]:
+    """A node's pieces without the closing `}` of its outer object (the tail keys go there)."""
+    previous: str | None = None
+    for piece in pieces:
+        if previous is not None:
+            yield previous
+        previous = piece
+    assert previous is not None and previous.endswith("}")
+    yield previous[:-1]
+
+
+def _iter_node(node: ResultNode) -> Iterator[str]:
+    if isinstance(node, ItemResult):
+        yield '{"SingleItem":'
+        yield _dumps(_encode_item(node))
+        yield "}"
+        return
+    assert isinstance(node, BatchResult)
+    yield '{"Batch":{"items":['
+    for index, child in enumerate(node.items):
+        if index:
+            yield ","
+        yield from _iter_node(child)
+    yield "]}}"
+
+
+def _utf8(text: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: U+FFFD, as _dump does
         return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace").encode("utf-8")

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 
 from gateway.errors import HeadersTooLarge, MalformedBatch, PayloadTooLarge
-from gateway.formats._json_results import _dump, _encode_node
+from gateway.formats._json_results import iter_document
 from gateway.formats._strict_json import (
     _ITEM_FORM,
     _MISSING,
@@ -26,6 +27,7 @@ from gateway.model import (
     ExecutionMode,
     Headers,
     Item,
+    ItemResult,
     SubRequest,
 )
 
@@ -67,16 +69,21 @@ class JsonBatchCodec:
 
     def encode(self, report: BatchReport) -> bytes:
         """The answer: the result tree in the request's shape, plus the batch's identity."""
-        document = _encode_node(report.root)
-        document["batch_id"] = report.batch_id
+        return b"".join(self.encode_chunks(report))
+
+    def encode_chunks(self, report: BatchReport) -> Iterator[bytes]:
+        """The answer's bytes in chunks, encoded item by item (see `encode`)."""
+        root_key = "SingleItem" if isinstance(report.root, ItemResult) else "Batch"
+        tail: dict[str, object] = {root_key: None, "batch_id": report.batch_id}
         if report.atomic_outcome is not None:
             atomic: dict[str, object] = {"outcome": report.atomic_outcome.value}
             if report.outcome_detail:
                 atomic["detail"] = report.outcome_detail
-            document["atomic"] = atomic
+            tail["atomic"] = atomic
         for key, value in report.extra.items():
-            document.setdefault(key, value)
-        return _dump(document)
+            tail.setdefault(key, value)
+        del tail[root_key]  # the result tree's own key is never replaced
+        return iter_document(report.root, tail)
 
 
 # --- Decoding the request -----------------------------------------------------------------------

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 from gateway.errors import HeadersTooLarge, MalformedBatch, PayloadTooLarge, UnsupportedMediaType
@@ -72,11 +72,24 @@ class MultipartBatchCodec:
         `content_ids` are the request parts' Content-IDs, aligned with the result items; a part
         whose request had Content-ID X answers with `Content-ID: <response-X>`.
         """
+        chunks, content_type = self.encode_chunks(report, boundary, content_ids=content_ids)
+        return b"".join(chunks), content_type
+
+    def encode_chunks(
+        self,
+        report: BatchReport,
+        boundary: str | None = None,
+        *,
+        content_ids: Sequence[str | None] = (),
+    ) -> tuple[Iterator[bytes], str]:
+        """Like `encode`, but the body comes part by part: only one part is built at a time.
+
+        The boundary is checked against every item's data before the first part is made.
+        """
         items = _flat_items(report.root)
         ids = _aligned(content_ids, len(items))
-        parts = [_response_part(item, cid) for item, cid in zip(items, ids, strict=True)]
-        chosen = _choose_boundary(parts, boundary)
-        return _frame(parts, chosen), f"multipart/mixed; boundary={_param_value(chosen)}"
+        chosen = _choose_boundary(items, ids, boundary)
+        return _iter_frames(items, ids, chosen), f"multipart/mixed; boundary={_param_value(chosen)}"
 
     def _decode_part(self, data: bytes, n: int) -> SubRequest:
         where = f"part {n}"
@@ -332,23 +345,39 @@ def _json_response(status: int, document: dict[str, str]) -> bytes:
     return response_bytes(status, "", (("Content-Type", "application/json"),), body)
 
 
-def _choose_boundary(parts: list[bytes], given: str | None) -> str:
+def _choose_boundary(items: list[ItemResult], ids: Sequence[str | None], given: str | None) -> str:
     if given is not None:
-        if not _BOUNDARY.fullmatch(given) or _collides(parts, given):
+        if not _BOUNDARY.fullmatch(given) or _collides(items, ids, given):
             raise ValueError(f"boundary {given!r} is invalid or occurs in a part")
         return given
     while True:
         boundary = "batch_" + secrets.token_hex(16)
-        if not _collides(parts, boundary):
+        if not _collides(items, ids, boundary):
             return boundary
 
 
-def _collides(parts: list[bytes], boundary: str) -> bool:
-    marker = b"--" + boundary.encode("ascii")
-    return any(marker in part for part in parts)
+def _collides(items: list[ItemResult], ids: Sequence[str | None], boundary: str) -> bool:
+    """Could the delimiter occur inside a part? Checked on what the parts are made of."""
+    marker = "--" + boundary
+    raw = marker.encode("ascii")
+    if any(marker in (content_id or "") for content_id in ids):
+        return True
+    for item in items:
+        outcome = item.outcome
+        texts = [item.rollback_detail or ""]
+        if isinstance(outcome, SubResponse):
+            if raw in outcome.body:
+                return True
+            texts += [outcome.reason, *(f"{k}: {v}" for k, v in outcome.headers)]
+        else:
+            texts.append(outcome.reason)
+        if any(marker in text for text in texts):
+            return True
+    return False
 
 
-def _frame(parts: list[bytes], boundary: str) -> bytes:
+def _iter_frames(items: list[ItemResult], ids: Sequence[str | None], boundary: str) -> Iterator[bytes]:
     dash = b"--" + boundary.encode("ascii")
-    framed = b"".join(dash + b"\r\n" + part + b"\r\n" for part in parts)
-    return framed + dash + b"--\r\n"
+    for item, content_id in zip(items, ids, strict=True):
+        yield dash + b"\r\n" + _response_part(item, content_id) + b"\r\n"
+    yield dash + b"--\r\n"
