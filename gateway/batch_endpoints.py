@@ -22,6 +22,7 @@ from gateway.model import BatchReport, ExecutionMode, Item
 from gateway.planning import OuterRequest
 from gateway.runtime import BATCH_ID, GATEWAY, KIND, REQUEST_ID
 
+log = structlog.get_logger("gateway.batch")
 ATOMIC_HEADER = "X-Batch-Atomic"
 EXECUTION_HEADER = "X-Batch-Execution"
 CONTROL_HEADERS = (ATOMIC_HEADER, EXECUTION_HEADER)
@@ -107,9 +108,12 @@ async def write_answer(
     response = web.StreamResponse(headers=headers)
     response.enable_chunked_encoding()
     await response.prepare(request)
-    for chunk in itertools.chain((first, second), chunks):
-        await response.write(chunk)
-    await response.write_eof()
+    try:
+        for chunk in itertools.chain((first, second), chunks):
+            await response.write(chunk)
+        await response.write_eof()
+    except ConnectionError:  # the client went away while its answer was being written
+        log.info("client_went_away", during="batch answer")
     return response
 
 

@@ -66,7 +66,7 @@ class BatchService:
     ) -> BatchReport:
         """Run a non-atomic batch: every item gets a result (or Skipped after a Serial failure)."""
         plan = self.planner.plan(item, outer)
-        root = await execute(plan.root, plain_runner(self._pool, self.deadline(), budget))
+        root = await execute(plan.root, plain_runner(self._pool, self.deadline(), budget, batch_id))
         self._count(plan, root)
         self._metrics.batches.labels("plain", "processed").inc()
         return BatchReport(root=root, batch_id=batch_id)

@@ -114,7 +114,9 @@ class Upstream(_Strict):
     url: str
     timeouts: Timeouts = Timeouts()
     pool_size: int = Field(100, ge=1, le=10_000)
-    concurrency: int = Field(10, ge=1, le=10_000)
+    concurrency: int = Field(50, ge=1, le=10_000)
+    """Batch sub-requests in flight to this upstream (all batches together): half the default pool,
+    so proxied requests always find connections."""
     transactions: Transactions | None = None
     compensations: tuple[CompensationRule, ...] = ()
     infer_compensations: bool = True

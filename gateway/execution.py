@@ -91,11 +91,14 @@ async def _unordered(batch: PlannedBatch, run_call: CallRunner) -> BatchResult:
     return BatchResult(batch.mode, tuple(results))
 
 
-def plain_runner(pool: UpstreamPool, deadline: Deadline, budget: ByteBudget | None = None) -> CallRunner:
-    """A runner that sends each call as planned, bounded per upstream, within the deadline."""
+def plain_runner(
+    pool: UpstreamPool, deadline: Deadline, budget: ByteBudget | None = None, batch: str = ""
+) -> CallRunner:
+    """A runner that sends each call as planned, bounded per upstream (slots shared fairly between
+    batches, `batch` naming this one), within the deadline."""
 
     async def run(planned: PlannedCall) -> ItemResult:
-        async with pool.bound(planned.upstream):
+        async with pool.bound(planned.upstream, batch):
             started = time.perf_counter()
             outcome = await send_within(pool, planned.call, deadline, budget)
         log_call(planned, outcome, started)

@@ -5,10 +5,9 @@ aiohttp client exceptions are translated here into UpstreamUnavailable / Upstrea
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable, Hashable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +17,7 @@ from yarl import URL
 from gateway.budget import BudgetExceeded, ByteBudget
 from gateway.config import GatewayConfig
 from gateway.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from gateway.fair_slots import FairSlots
 from gateway.model import Headers, SubResponse
 
 Observer = Callable[[str, int, float], None]
@@ -76,7 +76,7 @@ class UpstreamPool:
         self._max_response_bytes = max_response_bytes
         self._observe = observe
         self._sessions: dict[str, aiohttp.ClientSession] = {}
-        self._bounds = {name: asyncio.Semaphore(up.concurrency) for name, up in config.upstreams.items()}
+        self._slots = {name: FairSlots(up.concurrency) for name, up in config.upstreams.items()}
 
     async def start(self) -> None:
         for name, upstream in self._config.upstreams.items():
@@ -106,8 +106,9 @@ class UpstreamPool:
             s.closed for s in self._sessions.values()
         )
 
-    def bound(self, upstream: str) -> asyncio.Semaphore:
-        return self._bounds[upstream]
+    def bound(self, upstream: str, batch: Hashable) -> AbstractAsyncContextManager[None]:
+        """A batch call slot on this upstream (`concurrency` of them), shared fairly by batches."""
+        return self._slots[upstream].slot(batch)
 
     async def send(self, call: UpstreamCall, budget: ByteBudget | None = None) -> SubResponse:
         """Make one call and read the whole response; raises UpstreamError subclasses only.

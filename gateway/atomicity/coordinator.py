@@ -157,7 +157,7 @@ class AtomicRun:
     # -- forward calls -------------------------------------------------------------------------
 
     async def run_call(self, planned: PlannedCall) -> ItemResult:
-        async with self._pool.bound(planned.upstream):
+        async with self._pool.bound(planned.upstream, self.batch_id):
             if self.abort_reason is not None:
                 return ItemResult(Skipped(f"not executed: the batch is rolling back ({self.abort_reason})"))
             try:
