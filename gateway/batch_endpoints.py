@@ -5,6 +5,7 @@ Control headers (`X-Batch-Atomic`, `X-Batch-Execution`) are read here and never 
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import Iterator
 
@@ -15,7 +16,7 @@ from multidict import CIMultiDict
 from gateway.batch_service import new_batch_id
 from gateway.budget import ByteBudget
 from gateway.config import BatchEndpoint, GatewayConfig
-from gateway.errors import ClientError, PayloadTooLarge, UnsupportedMediaType
+from gateway.errors import ClientError, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
 from gateway.formats.json_batch import JsonBatchCodec
 from gateway.formats.multipart_batch import MultipartBatchCodec
 from gateway.model import BatchReport, ExecutionMode, Item
@@ -29,7 +30,8 @@ CONTROL_HEADERS = (ATOMIC_HEADER, EXECUTION_HEADER)
 
 
 async def read_body(request: web.Request, limit: int, where: str) -> bytes:
-    """The whole request body, refusing more than `limit` bytes before reading them all.
+    """The whole request body, refusing more than `limit` bytes before reading them all, and a
+    body that does not arrive within `proxy.body_timeout` (408).
 
     `where` names the whole body the way the format's codec does (JSON pointer `/`, `body`).
     """
@@ -39,10 +41,17 @@ async def read_body(request: web.Request, limit: int, where: str) -> bytes:
             where=where,
         )
     body = bytearray()
-    async for chunk in request.content.iter_chunked(64 * 1024):
-        body.extend(chunk)
-        if len(body) > limit:
-            raise PayloadTooLarge(f"batch body exceeds the maximum of {limit} bytes", where=where)
+    seconds = request.app[GATEWAY].config.proxy.body_timeout
+    try:
+        async with asyncio.timeout(seconds):
+            async for chunk in request.content.iter_chunked(64 * 1024):
+                body.extend(chunk)
+                if len(body) > limit:
+                    raise PayloadTooLarge(f"batch body exceeds the maximum of {limit} bytes", where=where)
+    except TimeoutError:
+        raise RequestTimeout(
+            f"the batch body did not arrive within {seconds} s (proxy.body_timeout)", where=where
+        ) from None
     return bytes(body)
 
 

@@ -40,11 +40,31 @@ class Listen(_Strict):
     port: int = Field(8080, ge=0, le=65535)
     workers: int = Field(1, ge=1, le=64)
     """Worker processes sharing the port (SO_REUSEPORT); 1 serves from the main process."""
+    header_timeout: float = Field(10.0, gt=0)
+    """A connection has this long to send a request's headers (once open or since its last answer)."""
+    keepalive_timeout: float = Field(60.0, gt=0)
+    """An idle keep-alive connection is closed after this long."""
+    max_connections: int = Field(4096, ge=16)
+    """Open client connections per process (also capped by the file descriptor limit); when full,
+    the connection idle or stuck in its headers longest is closed to make room."""
 
 
 class Timeouts(_Strict):
     connect: float = Field(5.0, gt=0)
     total: float = Field(30.0, gt=0)
+    pool: float = Field(2.0, gt=0)
+    """The longest wait for a free connection of the pool; then 503 upstream-busy."""
+
+
+class Proxy(_Strict):
+    """Request bodies on the plain proxy path."""
+
+    buffer_bytes: int = Field(1024 * 1024, ge=0)
+    """A body up to this size is read completely before an upstream connection is taken."""
+    body_timeout: float = Field(30.0, gt=0)
+    """A buffered body (and a batch body) must arrive within this; else 408."""
+    body_idle_timeout: float = Field(10.0, gt=0)
+    """A streamed (bigger) body may pause this long between chunks; else the call is abandoned."""
 
 
 class CallTemplate(_Strict):
@@ -271,6 +291,7 @@ class GatewayConfig(_Strict):
     batch: BatchConfig = BatchConfig()
     journal: Journal = Journal()
     gateway: GatewayEndpoints = GatewayEndpoints()
+    proxy: Proxy = Proxy()
     shutdown_grace: float = Field(30.0, ge=0)
 
     @model_validator(mode="after")

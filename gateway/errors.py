@@ -108,6 +108,22 @@ class JournalUnavailable(GatewayError):
     type_suffix = "journal-unavailable"
 
 
+class RequestTimeout(ClientError):
+    """The client did not send its request body in time; nothing was sent upstream."""
+
+    status = 408
+    title = "Request timeout"
+    type_suffix = "request-timeout"
+
+
+class UpstreamBusy(UpstreamError):
+    """Every pooled connection to the upstream stayed busy for `timeouts.pool`; nothing was sent."""
+
+    status = 503
+    title = "Upstream busy"
+    type_suffix = "upstream-busy"
+
+
 class ShuttingDown(GatewayError):
     status = 503
     title = "Shutting down"

@@ -1,15 +1,21 @@
 """The plain reverse proxy: a non-batch request streamed to its routed upstream and back.
 
-Bodies are streamed chunk by chunk both ways; hop-by-hop headers are dropped, forwarding headers added.
+A small request body is read whole before an upstream connection is taken (so a slow client never
+holds one); a bigger one, and every response, is streamed chunk by chunk. Hop-by-hop headers and
+`Expect` are dropped, forwarding headers added.
 """
 
 from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
 
 import aiohttp
 import structlog
 from aiohttp import web
 from multidict import CIMultiDict
 
+from gateway.errors import RequestTimeout, UpstreamError
 from gateway.headers import add_forwarding, end_to_end
 from gateway.routing import parse_target
 from gateway.runtime import GATEWAY, REQUEST_ID, UPSTREAM
@@ -19,8 +25,9 @@ log = structlog.get_logger("gateway.proxy")
 
 
 def forward_headers(request: web.Request) -> CIMultiDict[str]:
-    """The client's end-to-end headers plus X-Forwarded-* and X-Request-ID; no Host."""
-    headers = end_to_end(request.headers, drop=("Host",))
+    """The client's end-to-end headers plus X-Forwarded-* and X-Request-ID; no Host, no Expect
+    (the gateway answered `100 Continue` itself; an upstream must never wait for a body)."""
+    headers = end_to_end(request.headers, drop=("Host", "Expect"))
     add_forwarding(
         headers,
         client_ip=request.remote,
@@ -36,22 +43,85 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     target = parse_target(request.raw_path)
     routed = gateway.routes.route(request.method, target)
     request[UPSTREAM] = routed.upstream
-    data = request.content if request.body_exists else None
+    settings = gateway.config.proxy
+    stall = _Stall()
+    data: bytes | AsyncIterator[bytes] | None = None
+    if request.body_exists:
+        prefix, complete = await read_buffered(request, settings.buffer_bytes, settings.body_timeout)
+        idle = settings.body_idle_timeout
+        data = prefix if complete else _rest_of_body(prefix, request, idle, stall)
     headers = tuple(forward_headers(request).items())
-    async with gateway.pool.stream(
-        routed.upstream, request.method, routed.url, headers, data
-    ) as upstream_response:
-        response = web.StreamResponse(
-            status=upstream_response.status, reason=upstream_response.reason
-        )
-        response.headers.extend(end_to_end(upstream_response.headers))
-        response.headers["X-Request-ID"] = request[REQUEST_ID]
-        await response.prepare(request)
-        if await _relay(upstream_response, response, routed.upstream):
-            await response.write_eof()
-        elif request.transport is not None:
-            request.transport.close()  # the client must see a truncated body, not a complete one
+    try:
+        async with gateway.pool.stream(
+            routed.upstream, request.method, routed.url, headers, data
+        ) as upstream_response:
+            return await _answer(request, upstream_response, routed.upstream)
+    except UpstreamError:
+        if stall.seconds is not None:
+            raise RequestTimeout(
+                f"the request body stalled for {stall.seconds} s (proxy.body_idle_timeout); "
+                "the upstream call was abandoned"
+            ) from None
+        raise
+
+
+async def _answer(
+    request: web.Request, upstream_response: aiohttp.ClientResponse, upstream: str
+) -> web.StreamResponse:
+    """Relay the upstream's status, end-to-end headers and body to the client."""
+    response = web.StreamResponse(status=upstream_response.status, reason=upstream_response.reason)
+    response.headers.extend(end_to_end(upstream_response.headers))
+    response.headers["X-Request-ID"] = request[REQUEST_ID]
+    await response.prepare(request)
+    if await _relay(upstream_response, response, upstream):
+        await response.write_eof()
+    elif request.transport is not None:
+        request.transport.close()  # the client must see a truncated body, not a complete one
     return response
+
+
+async def read_buffered(request: web.Request, limit: int, seconds: float) -> tuple[bytes, bool]:
+    """Read the body until its end or past `limit` bytes, within `seconds`: (bytes, complete).
+
+    A declared Content-Length over `limit` is not read here at all (it is streamed).
+    """
+    if request.content_length is not None and request.content_length > limit:
+        return b"", False
+    body = bytearray()
+    try:
+        async with asyncio.timeout(seconds):
+            while len(body) <= limit:
+                chunk = await request.content.readany()
+                if not chunk:
+                    return bytes(body), True
+                body.extend(chunk)
+    except TimeoutError:
+        raise RequestTimeout(
+            f"the request body did not arrive within {seconds} s (proxy.body_timeout)"
+        ) from None
+    return bytes(body), False
+
+
+class _Stall:
+    """Set when a streamed request body paused longer than allowed."""
+
+    seconds: float | None = None
+
+
+async def _rest_of_body(
+    prefix: bytes, request: web.Request, idle: float, stall: _Stall
+) -> AsyncIterator[bytes]:
+    if prefix:
+        yield prefix
+    while True:
+        try:
+            chunk = await asyncio.wait_for(request.content.readany(), idle)
+        except TimeoutError:
+            stall.seconds = idle
+            raise
+        if not chunk:
+            return
+        yield chunk
 
 
 async def _relay(

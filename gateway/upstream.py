@@ -5,6 +5,7 @@ aiohttp client exceptions are translated here into UpstreamUnavailable / Upstrea
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Hashable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
@@ -16,7 +17,7 @@ from yarl import URL
 
 from gateway.budget import BudgetExceeded, ByteBudget
 from gateway.config import GatewayConfig
-from gateway.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from gateway.errors import UpstreamBusy, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from gateway.fair_slots import FairSlots
 from gateway.model import Headers, SubResponse
 
@@ -77,6 +78,10 @@ class UpstreamPool:
         self._observe = observe
         self._sessions: dict[str, aiohttp.ClientSession] = {}
         self._slots = {name: FairSlots(up.concurrency) for name, up in config.upstreams.items()}
+        self._connections = {
+            name: asyncio.Semaphore(up.pool_size) for name, up in config.upstreams.items()
+        }
+        """One permit per pooled connection: a call waits at most `timeouts.pool` for one."""
 
     async def start(self) -> None:
         for name, upstream in self._config.upstreams.items():
@@ -106,6 +111,24 @@ class UpstreamPool:
             s.closed for s in self._sessions.values()
         )
 
+    @asynccontextmanager
+    async def connection(self, upstream: str) -> AsyncIterator[None]:
+        """A connection of the upstream's pool for one call, or UpstreamBusy (503) after
+        `timeouts.pool`: a full pool answers quickly instead of queueing without end."""
+        permits = self._connections[upstream]
+        wait = self._config.upstreams[upstream].timeouts.pool
+        try:
+            await asyncio.wait_for(permits.acquire(), wait)
+        except TimeoutError:
+            raise UpstreamBusy(
+                f"every connection to upstream {upstream!r} stayed busy for {wait} s "
+                f"(pool_size {self._config.upstreams[upstream].pool_size}); not sent"
+            ) from None
+        try:
+            yield
+        finally:
+            permits.release()
+
     def bound(self, upstream: str, batch: Hashable) -> AbstractAsyncContextManager[None]:
         """A batch call slot on this upstream (`concurrency` of them), shared fairly by batches."""
         return self._slots[upstream].slot(batch)
@@ -119,16 +142,17 @@ class UpstreamPool:
         started = time.perf_counter()
         status = 0
         try:
-            with translate_errors(call.upstream):
-                async with self._request(call) as response:
-                    body = await self._read_capped(call.upstream, response, budget)
-                    status = response.status
-                    return SubResponse(
-                        status=response.status,
-                        reason=response.reason or "",
-                        headers=tuple(response.headers.items()),
-                        body=body,
-                    )
+            async with self.connection(call.upstream):
+                with translate_errors(call.upstream):
+                    async with self._request(call) as response:
+                        body = await self._read_capped(call.upstream, response, budget)
+                        status = response.status
+                        return SubResponse(
+                            status=response.status,
+                            reason=response.reason or "",
+                            headers=tuple(response.headers.items()),
+                            body=body,
+                        )
         finally:
             if self._observe is not None:
                 self._observe(call.upstream, status, time.perf_counter() - started)
@@ -187,14 +211,17 @@ class UpstreamPool:
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """Open a streaming call for the plain proxy; the caller reads the body in chunks.
 
-        Streams have no total deadline: `timeouts.total` bounds each read instead.
+        Streams have no total deadline: `timeouts.total` bounds each read instead. The pool
+        connection is held until the caller is done with the response.
         """
-        with translate_errors(upstream):
-            timeouts = self._config.upstreams[upstream].timeouts
-            timeout = aiohttp.ClientTimeout(
-                total=None, sock_connect=timeouts.connect, sock_read=timeouts.total
-            )
-            async with self._sessions[upstream].request(
-                method, url, headers=list(headers), data=data, allow_redirects=False, timeout=timeout
-            ) as response:
-                yield response
+        async with self.connection(upstream):
+            with translate_errors(upstream):
+                timeouts = self._config.upstreams[upstream].timeouts
+                timeout = aiohttp.ClientTimeout(
+                    total=None, sock_connect=timeouts.connect, sock_read=timeouts.total
+                )
+                async with self._sessions[upstream].request(
+                    method, url, headers=list(headers), data=data, allow_redirects=False,
+                    timeout=timeout,
+                ) as response:
+                    yield response
