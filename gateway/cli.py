@@ -20,6 +20,7 @@ from gateway import operator_commands
 from gateway.app import create_app
 from gateway.atomicity.secrets import load_key
 from gateway.config import GatewayConfig, load_config
+from gateway.connection_guard import ConnectionGuard
 from gateway.errors import ConfigError, JournalUnavailable
 from gateway.log import configure_logging
 
@@ -114,11 +115,22 @@ async def _wait_for_stop() -> None:
 async def serve(config: GatewayConfig, *, recover: bool = True, reuse_port: bool = False) -> None:
     """Serve until SIGTERM/SIGINT, then stop accepting and let in-flight requests finish."""
     app = create_app(config, recover=recover)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.shutdown_grace)
+    runner = web.AppRunner(
+        app, access_log=None, shutdown_timeout=config.shutdown_grace,
+        keepalive_timeout=config.listen.keepalive_timeout,
+    )
     await runner.setup()
-    site = web.TCPSite(runner, config.listen.host, config.listen.port, reuse_port=reuse_port or None)
+    assert runner.server is not None
+    listen = config.listen
+    guard = ConnectionGuard(listen.header_timeout, listen.max_connections, listen.backlog)
+    guard.install(runner.server)
+    site = web.TCPSite(
+        runner, config.listen.host, config.listen.port, reuse_port=reuse_port or None,
+        backlog=guard.backlog,
+    )
     await site.start()
-    log.info("listening", host=config.listen.host, port=config.listen.port)
+    log.info("listening", host=config.listen.host, port=config.listen.port,
+             max_connections=guard.max_connections, backlog=guard.backlog)
     try:
         await _wait_for_stop()
         log.info("stopping", grace_seconds=config.shutdown_grace)

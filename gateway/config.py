@@ -44,6 +44,9 @@ class Listen(_Strict):
     """A connection has this long to send a request's headers (once open or since its last answer)."""
     keepalive_timeout: float = Field(60.0, gt=0)
     """An idle keep-alive connection is closed after this long."""
+    backlog: int = Field(1024, ge=16)
+    """Connections the kernel queues before the gateway accepts them (capped by net.core.somaxconn);
+    when full, new clients' SYNs are dropped and they retry a second later."""
     max_connections: int = Field(4096, ge=16)
     """Open client connections per process (also capped by the file descriptor limit); when full,
     the connection idle or stuck in its headers longest is closed to make room."""
