@@ -150,3 +150,25 @@ async def test_the_begin_carries_the_transaction_lifetime_and_the_demo_ledger_ex
     await asyncio.sleep(0)
     assert state_of(ledger).transactions == {}
 
+
+
+async def test_before_the_commit_point_a_transaction_the_upstream_no_longer_knows_has_ended(
+    make_config: MakeConfig, legacy: TestServer, ledger: TestServer
+) -> None:
+    """The batch never reached `committing`, so no commit was ever sent for its open transaction:
+    a rollback answered 404 (it was rolled back before the crash, or expired) leaves nothing."""
+    config = make_config()
+    journal = SqliteJournal(config.journal.path)
+    await journal.open()
+    try:
+        await journal.batch_state(BATCH, BatchState.PLANNED, "1 call", headers=[])
+        await journal.batch_state(BATCH, BatchState.RUNNING)
+        await journal.tx_state(BATCH, "ledger", "beginning", headers=[])
+        await journal.tx_state(BATCH, "ledger", "open", token="already-rolled-back")
+    finally:
+        await journal.close()
+
+    report = await with_recovery(config)
+
+    assert report.outcomes == {BATCH: BatchState.ROLLED_BACK} and report.clean
+    assert {c["path"] for c in state_of(ledger).calls} == {"/tx/already-rolled-back/rollback"}

@@ -176,7 +176,9 @@ class Recovery:
             machine.to(BatchState.COMPENSATING)
             await self._journal.batch_state(batch.batch_id, BatchState.COMPENSATING, reason)
         problems = [f"{u}: its transaction was already committed" for u in committed or []]
-        problems += await self._rollback_transactions(batch, ctx, set(committed or []))
+        problems += await self._rollback_transactions(
+            batch, ctx, set(committed or []), before_commit_point=batch.state is not BatchState.COMMITTING
+        )
         for step in sorted(batch.steps, key=_undo_order):
             problem = await self._undo(batch.batch_id, step, ctx)
             if problem is not None:
@@ -189,8 +191,12 @@ class Recovery:
         return final, detail
 
     async def _rollback_transactions(
-        self, batch: JournaledBatch, ctx: CallContext, skip: set[str]
+        self, batch: JournaledBatch, ctx: CallContext, skip: set[str], *,
+        before_commit_point: bool = False,
     ) -> list[str]:
+        """Roll back each open transaction. A transaction journaled `open` in a batch that never
+        reached its commit point never had a commit sent, so a rollback answered 404/410 finds one
+        that already ended (rolled back before the crash, or expired): nothing of it remains."""
         problems: list[str] = []
         for tx in batch.transactions:
             settings = self._config.upstreams[tx.upstream].transactions
@@ -211,8 +217,12 @@ class Recovery:
                     commit=False, retry=self._config.batch.rollback, batch_id=batch.batch_id,
                 )
             except TransactionFailed as exc:
-                problems.append(str(exc))
-                continue
+                never_committed = before_commit_point and tx.state == "open"
+                if not (never_committed and exc.status in (404, 410)):
+                    problems.append(str(exc))
+                    continue
+                log.info("transaction_already_ended", batch_id=batch.batch_id, upstream=tx.upstream,
+                         status=exc.status)
             await self._journal.tx_state(batch.batch_id, tx.upstream, "rolled_back")
         return problems
 
