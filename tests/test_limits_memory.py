@@ -6,6 +6,7 @@ A JSON batch of 40 GETs of a 10 MB upstream body, 3 KB on the wire, once took th
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 from collections.abc import Iterator
@@ -123,6 +124,7 @@ async def chunked_upstream(aiohttp_server: Any, size: int) -> TestServer:
         chunk = b"x" * 1024
         for _ in range(size // 1024):
             await response.write(chunk)
+            await asyncio.sleep(0)  # let the reader take each chunk as it comes
         await response.write_eof()
         return response
 
