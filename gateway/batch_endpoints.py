@@ -136,10 +136,13 @@ def report_headers(report: BatchReport) -> dict[str, str]:
 async def json_batch(request: web.Request) -> web.StreamResponse:
     request[KIND] = "batch_json"
     config = request.app[GATEWAY].config
-    ctype = request.headers.get("Content-Type", "application/json").split(";")[0].strip().lower()
+    ctype = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
     if ctype != "application/json" and not ctype.endswith("+json"):
+        got = repr(ctype) if ctype else "no Content-Type"
         raise UnsupportedMediaType(
-            f"the JSON batch endpoint takes application/json, got {ctype!r}", where="Content-Type"
+            f"the JSON batch endpoint takes application/json (required: a cross-site form post "
+            f"cannot send it without a CORS preflight), got {got}",
+            where="Content-Type",
         )
     codec = JsonBatchCodec(config.batch.limits.batch_limits())
     item = codec.decode(await read_body(request, config.batch.limits.max_body_bytes, "/"))

@@ -72,6 +72,14 @@ class MixedCredentials(Uncompensable):
     type_suffix = "mixed-credentials"
 
 
+class MethodRefused(ClientError):
+    """CONNECT or TRACE on a route that does not list it."""
+
+    status = 405
+    title = "Method not allowed"
+    type_suffix = "method-not-allowed"
+
+
 class RouteNotFound(ClientError):
     status = 404
     title = "No route"

@@ -5,8 +5,10 @@ Pure functions over multidicts; used by the proxy, the planner and the multipart
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Iterable
+from http import HTTPStatus
 
 from multidict import CIMultiDict, MultiMapping
 
@@ -30,6 +32,37 @@ def connection_listed(headers: MultiMapping[str]) -> set[str]:
     """Header names that the Connection header marks hop-by-hop."""
     values = headers.getall("Connection", [])
     return {token.strip().lower() for value in values for token in value.split(",") if token.strip()}
+
+
+def listed_in_connection(pairs: Iterable[tuple[str, str]]) -> set[str]:
+    """connection_listed() for plain header pairs."""
+    return {
+        token.strip().lower()
+        for name, value in pairs if name.lower() == "connection"
+        for token in value.split(",") if token.strip()
+    }
+
+
+def without_hop_by_hop(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Header pairs minus hop-by-hop ones and those their Connection lists: the one rule every
+    format and the proxy apply to what an upstream answered."""
+    pairs = list(pairs)
+    listed = listed_in_connection(pairs)
+    return [(k, v) for k, v in pairs if not is_hop_by_hop(k, listed)]
+
+
+_REASON = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
+
+
+def safe_reason(status: int, reason: str | None) -> str:
+    """The upstream's reason phrase if RFC 9112 allows it (HTAB, SP, VCHAR, obs-text), else the
+    standard phrase for the status (or none)."""
+    if reason is not None and len(reason) <= 256 and _REASON.fullmatch(reason):
+        return reason
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
 
 
 def is_hop_by_hop(name: str, listed: set[str]) -> bool:
@@ -56,12 +89,15 @@ def inheritable(outer: MultiMapping[str]) -> CIMultiDict[str]:
 
 
 def own_headers(own: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    """A sub-request's own headers as sent: without hop-by-hop headers, Host and its framing
-    (Content-Length, Transfer-Encoding), since the client session frames the body it sends."""
+    """A sub-request's own headers as sent: without hop-by-hop headers (and those its own
+    `Connection` lists), Host and its framing (Content-Length, Transfer-Encoding), since the
+    client session frames the body it sends."""
+    pairs = list(own)
+    listed = listed_in_connection(pairs)
     return [
         (k, v)
-        for k, v in own
-        if not is_hop_by_hop(k, set()) and k.lower() not in ("host", "content-length")
+        for k, v in pairs
+        if not is_hop_by_hop(k, listed) and k.lower() not in ("host", "content-length")
     ]
 
 

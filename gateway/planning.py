@@ -87,8 +87,29 @@ _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 """Not allowed in a field value (RFC 9110 section 5.5); aiohttp's client refuses to send them."""
 
 
-def _check_header_values(request: SubRequest) -> None:
+REFUSED_ITEM_METHODS = frozenset({"CONNECT", "TRACE"})
+"""CONNECT would send an authority-form request line; TRACE echoes credentials back."""
+
+REFUSED_ITEM_HEADERS = frozenset({"x-batch-atomic", "x-batch-execution", "expect"})
+"""The gateway's control headers belong on the outer request; Expect would make the call wait."""
+
+GATEWAY_OWNED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded",
+                           "x-request-id"})
+"""Set by the gateway on every call, as on the proxy path; an item's own values are dropped."""
+
+
+def _check_item(request: SubRequest) -> None:
+    if request.method.upper() in REFUSED_ITEM_METHODS:
+        raise MalformedBatch(
+            f"method {request.method!r} is not allowed in a batch item", where=request.where
+        )
     for name, value in request.headers:
+        if name.lower() in REFUSED_ITEM_HEADERS:
+            raise MalformedBatch(
+                f"header {name!r} is not allowed in a batch item (send control headers on the "
+                "outer request; the gateway handles Expect itself)",
+                where=request.where,
+            )
         if _CONTROL_CHARS.search(value):
             raise MalformedBatch(
                 f"header {name[:100]!r} holds a control character; "
@@ -129,11 +150,11 @@ class Planner:
     def _call(
         self, request: SubRequest, base: CIMultiDict[str], query: str, position: int
     ) -> PlannedCall:
-        _check_header_values(request)
+        _check_item(request)
         target = parse_target(request.target, request.where)
         target = Target(path=target.path, query=merge_query(query, target.query))
         routed = self._routes.route(request.method, target, request.where)
-        own = own_headers(request.headers)
+        own = [(k, v) for k, v in own_headers(request.headers) if k.lower() not in GATEWAY_OWNED]
         headers = inherit(base, own)
         call = UpstreamCall(
             upstream=routed.upstream,

@@ -15,8 +15,9 @@ import structlog
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway.errors import RequestTimeout, UpstreamError
-from gateway.headers import add_forwarding, end_to_end
+from gateway.errors import MethodRefused, RequestTimeout, UpstreamError
+from gateway.headers import add_forwarding, end_to_end, safe_reason
+from gateway.planning import REFUSED_ITEM_METHODS
 from gateway.routing import parse_target
 from gateway.runtime import GATEWAY, REQUEST_ID, UPSTREAM
 
@@ -42,6 +43,10 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     gateway = request.app[GATEWAY]
     target = parse_target(request.raw_path)
     routed = gateway.routes.route(request.method, target)
+    if request.method in REFUSED_ITEM_METHODS and request.method not in (routed.route.methods or ()):
+        raise MethodRefused(
+            f"{request.method} is proxied only on a route that lists it under methods"
+        )
     request[UPSTREAM] = routed.upstream
     settings = gateway.config.proxy
     stall = _Stall()
@@ -69,7 +74,8 @@ async def _answer(
     request: web.Request, upstream_response: aiohttp.ClientResponse, upstream: str
 ) -> web.StreamResponse:
     """Relay the upstream's status, end-to-end headers and body to the client."""
-    response = web.StreamResponse(status=upstream_response.status, reason=upstream_response.reason)
+    status = upstream_response.status
+    response = web.StreamResponse(status=status, reason=safe_reason(status, upstream_response.reason))
     response.headers.extend(end_to_end(upstream_response.headers))
     response.headers["X-Request-ID"] = request[REQUEST_ID]
     await response.prepare(request)

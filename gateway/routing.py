@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from urllib.parse import unquote
+from urllib.parse import unquote, unquote_to_bytes
 
 from yarl import URL
 
@@ -42,34 +42,63 @@ class RoutedTarget:
 
 
 def parse_target(target: str, where: str | None = None) -> Target:
-    """Check a client-supplied target is origin-form and does not escape its route."""
+    """Check a client-supplied target is origin-form and does not escape its route.
+
+    Refused (400), because an upstream's own decoder could read them as something else: a
+    fragment (`#`), raw non-ASCII bytes, control characters, whitespace and backslashes (also
+    encoded), dot segments also when percent-encoded once or twice (`%2e`, `%252e`) or followed by
+    `;parameters` (`..;x`), fullwidth dots and slashes, and overlong UTF-8 (`%c0%ae`).
+    """
     if not target.startswith("/") or target.startswith("//"):
         raise ForbiddenTarget(
             f"target {target[:200]!r} must be an origin-form path starting with a single /; "
             "absolute and scheme-relative URLs are not allowed",
             where=where,
         )
+    if "#" in target:
+        raise ForbiddenTarget(
+            f"target {target[:200]!r} carries a fragment (#); fragments are never sent to a server",
+            where=where,
+        )
     path, _, query = target.partition("?")
-    path = path.split("#", 1)[0]
     _check_path_chars(target, where)
-    decoded = unquote(path)
-    if "\\" in decoded or any(seg in (".", "..") for seg in decoded.split("/")):
+    if _escapes(path):
         raise ForbiddenTarget(
             f"target {target[:200]!r} contains dot segments or backslashes (also when "
-            "percent-encoded); they could escape the route",
+            "percent-encoded, once or twice, fullwidth, overlong or with ;parameters); they could "
+            "escape the route",
             where=where,
         )
     return Target(path=path, query=query)
 
 
-_RAW_FORBIDDEN = re.compile(r"[\x00-\x20\x7f\\]")
+_LOOKALIKES = ("\uff0e", "\uff0f", "\uff3c", "\u2024", "\u2215")
+"""Fullwidth full stop, solidus and reverse solidus, one dot leader, division slash."""
+
+
+def _escapes(path: str) -> bool:
+    once = unquote(path)
+    twice = unquote(once)
+    if any(mark in text for text in (once, twice) for mark in ("\\", *_LOOKALIKES)):
+        return True
+    if any(byte in (0xC0, 0xC1) for byte in unquote_to_bytes(path)):  # only ever overlong UTF-8
+        return True
+    return any(
+        segment.split(";", 1)[0] in (".", "..")
+        for text in (once, twice)
+        for segment in text.split("/")
+    )
+
+
+_RAW_FORBIDDEN = re.compile(r"[^\x21-\x7e]|\\")
 _DECODED_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _check_path_chars(target: str, where: str | None) -> None:
     if _RAW_FORBIDDEN.search(target):
         raise ForbiddenTarget(
-            f"target {target[:200]!r} contains whitespace, control characters or backslashes",
+            f"target {target[:200]!r} contains whitespace, control characters, backslashes or "
+            "raw non-ASCII bytes (percent-encode them)",
             where=where,
         )
     if "%" in target and _DECODED_FORBIDDEN.search(unquote(target)):

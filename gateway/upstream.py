@@ -19,6 +19,7 @@ from gateway.budget import BudgetExceeded, ByteBudget
 from gateway.config import GatewayConfig
 from gateway.errors import UpstreamBusy, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from gateway.fair_slots import FairSlots
+from gateway.headers import safe_reason
 from gateway.model import Headers, SubResponse
 
 Observer = Callable[[str, int, float], None]
@@ -65,6 +66,14 @@ def translate_errors(upstream: str) -> Iterator[None]:
             f"connection to upstream {upstream!r} failed: {type(exc).__name__}",
             maybe_executed=True,
         ) from exc
+
+
+def check_status(upstream: str, status: int) -> None:
+    """A status outside 100-599 is not HTTP: the call failed (502 naming the upstream)."""
+    if not 100 <= status <= 599:
+        raise UpstreamError(
+            f"upstream {upstream!r} answered status {status}, outside 100-599", maybe_executed=True
+        )
 
 
 class UpstreamPool:
@@ -145,11 +154,12 @@ class UpstreamPool:
             async with self.connection(call.upstream):
                 with translate_errors(call.upstream):
                     async with self._request(call) as response:
+                        check_status(call.upstream, response.status)
                         body = await self._read_capped(call.upstream, response, budget)
                         status = response.status
                         return SubResponse(
                             status=response.status,
-                            reason=response.reason or "",
+                            reason=safe_reason(response.status, response.reason),
                             headers=tuple(response.headers.items()),
                             body=body,
                         )
@@ -224,4 +234,5 @@ class UpstreamPool:
                     method, url, headers=list(headers), data=data, allow_redirects=False,
                     timeout=timeout,
                 ) as response:
+                    check_status(upstream, response.status)
                     yield response

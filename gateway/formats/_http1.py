@@ -12,15 +12,13 @@ from http import HTTPStatus
 import h11
 
 from gateway.errors import ClientError, ForbiddenTarget, HeadersTooLarge, MalformedBatch
+from gateway.headers import safe_reason, without_hop_by_hop
 from gateway.model import Headers
 
 _HEAD_END = re.compile(rb"\n\r?\n")  # the same blank-line rule h11 applies
 _PLACEHOLDER_HOST = b"Host: placeholder.invalid\r\n"
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 _LINE_BREAKS = str.maketrans({"\r": " ", "\n": " ", "\0": " "})
-_HOP_BY_HOP = frozenset(
-    {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "content-length"}
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,7 +165,7 @@ def _translate(exc: h11.ProtocolError, where: str) -> ClientError:
 
 def response_bytes(status: int, reason: str, headers: Headers, body: bytes) -> bytes:
     """A whole HTTP/1.1 response: status line, forwardable headers, Content-Length, body."""
-    lines = [f"HTTP/1.1 {status} {one_line(reason or _phrase(status))}"]
+    lines = [f"HTTP/1.1 {status} {one_line(safe_reason(status, reason) or _phrase(status))}"]
     lines += [f"{name}: {one_line(value)}" for name, value in forwardable(headers)]
     lines.append(f"Content-Length: {len(body)}")
     return header_block(lines) + body
@@ -193,21 +191,11 @@ def one_line(text: str) -> str:
 
 def forwardable(headers: Headers) -> Headers:
     """`headers` minus hop-by-hop ones (and those Connection lists), Content-Length, bad names."""
-    listed = {
-        token.strip().lower()
-        for name, value in headers
-        if name.lower() == "connection"
-        for token in value.split(",")
-    }
     return tuple(
         (name, value)
-        for name, value in headers
-        if _TOKEN.match(name) and not _is_hop_by_hop(name.lower(), listed)
+        for name, value in without_hop_by_hop(headers)
+        if _TOKEN.match(name) and name.lower() != "content-length"
     )
-
-
-def _is_hop_by_hop(name: str, listed: set[str]) -> bool:
-    return name in _HOP_BY_HOP or name in listed or name.startswith("proxy-")
 
 
 def _phrase(status: int) -> str:

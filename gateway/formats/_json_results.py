@@ -10,6 +10,7 @@ import json
 from collections.abc import Iterator
 
 from gateway.formats._strict_json import _MISSING, MAX_JSON_DEPTH, _loads, _nesting_depth, _NotJson
+from gateway.headers import without_hop_by_hop
 from gateway.model import (
     BatchResult,
     CallFailure,
@@ -81,9 +82,10 @@ def _failure_fields(failure: CallFailure) -> dict[str, object]:
 
 
 def _encode_headers(headers: Headers) -> dict[str, str | list[str]]:
-    """Lowercase name -> value, or -> list of values in order when the header repeats."""
+    """Lowercase name -> value, or -> list of values in order when the header repeats; without
+    hop-by-hop headers (the same rule as multipart answers and the proxy)."""
     grouped: dict[str, list[str]] = {}
-    for name, value in headers:
+    for name, value in without_hop_by_hop(headers):
         grouped.setdefault(name.lower(), []).append(value)
     return {name: values[0] if len(values) == 1 else values for name, values in grouped.items()}
 
