@@ -14,14 +14,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import resources
 
 import structlog
-from aiohttp import web
+from aiohttp import HttpVersion10, web
 
 from gateway.atomicity.recovery import Recovery
 from gateway.batch_endpoints import add_batch_routes
 from gateway.batch_service import BatchService
 from gateway.config import GatewayConfig
-from gateway.errors import ClientError, GatewayError
-from gateway.headers import new_request_id
+from gateway.errors import BadHttp, ClientError, GatewayError
+from gateway.headers import TrustedProxies, new_request_id
 from gateway.metrics import GatewayMetrics
 from gateway.problem import PROBLEM_JSON, problem_body
 from gateway.proxy import proxy_handler
@@ -54,8 +54,13 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     request[REQUEST_ID] = incoming if _REQUEST_ID_RE.match(incoming) else new_request_id()
     structlog.contextvars.bind_contextvars(request_id=request[REQUEST_ID])
     started = time.perf_counter()
+    response: web.StreamResponse
     try:
-        response = await _handle(request, handler)
+        if request.version < HttpVersion10:  # "GET /" with no version: HTTP/0.9 has no headers
+            response = problem_response(BadHttp("HTTP/0.9 requests are not served; use HTTP/1.x"), request)
+            response.force_close()
+        else:
+            response = await _handle(request, handler)
     finally:
         structlog.contextvars.unbind_contextvars("request_id", "batch_id")
     if not response.prepared:
@@ -143,7 +148,10 @@ def build_gateway(config: GatewayConfig) -> Gateway:
     )
     routes = RouteTable(config)
     batches = BatchService(config, routes, pool, metrics_)
-    return Gateway(config=config, routes=routes, pool=pool, metrics=metrics_, batches=batches)
+    return Gateway(
+        config=config, routes=routes, pool=pool, metrics=metrics_, batches=batches,
+        trusted_proxies=TrustedProxies(config.trusted_proxies),
+    )
 
 
 async def _prune_periodically(gateway: Gateway, every: float = 3600.0) -> None:
@@ -180,7 +188,10 @@ def create_app(config: GatewayConfig, *, recover: bool = True) -> web.Applicatio
     """
     gateway = build_gateway(config)
     gateway.extras["recover_on_start"] = recover
-    app = web.Application(middlewares=[request_context])
+    # auto_decompress off: a proxied body reaches the upstream byte for byte as the client sent it
+    # (aiohttp would inflate a gzip body and forward it still labelled gzip); the batch endpoints
+    # decode an encoded body themselves, with a cap.
+    app = web.Application(middlewares=[request_context], handler_args={"auto_decompress": False})
     app[GATEWAY] = gateway
     prefix = config.gateway.prefix
     app.router.add_get(f"{prefix}/healthz", healthz)

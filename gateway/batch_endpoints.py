@@ -13,6 +13,7 @@ import structlog
 from aiohttp import web
 from multidict import CIMultiDict
 
+from gateway.atomicity.untrusted import DecodedTooLarge, UntrustedValue, decoded_body
 from gateway.batch_service import new_batch_id
 from gateway.budget import ByteBudget
 from gateway.config import BatchEndpoint, GatewayConfig
@@ -52,7 +53,26 @@ async def read_body(request: web.Request, limit: int, where: str) -> bytes:
         raise RequestTimeout(
             f"the batch body did not arrive within {seconds} s (proxy.body_timeout)", where=where
         ) from None
-    return bytes(body)
+    return decoded(request, bytes(body), limit, where)
+
+
+def decoded(request: web.Request, body: bytes, limit: int, where: str) -> bytes:
+    """A batch body with its Content-Encoding undone: gzip or deflate, decoded size capped at
+    `limit` (413 above: a zip bomb); any other coding is 415."""
+    codings = [c.strip().lower() for c in request.headers.get("Content-Encoding", "").split(",")]
+    codings = [c for c in codings if c and c != "identity"]
+    unknown = [c for c in codings if c not in ("gzip", "x-gzip", "deflate")]
+    if unknown:
+        raise UnsupportedMediaType(
+            f"Content-Encoding {unknown[0][:40]!r} is not accepted on batch bodies (gzip, deflate are)",
+            where="Content-Encoding",
+        )
+    try:
+        return decoded_body(list(request.headers.items()), body, limit)
+    except DecodedTooLarge:
+        raise PayloadTooLarge(f"the decoded batch body is over {limit} bytes", where=where) from None
+    except UntrustedValue as exc:
+        raise ClientError(f"the batch body cannot be decoded: {exc}", where="Content-Encoding") from None
 
 
 def outer_request(request: web.Request) -> OuterRequest:
@@ -66,6 +86,7 @@ def outer_request(request: web.Request) -> OuterRequest:
         proto=request.scheme,
         host=request.host,
         request_id=request[REQUEST_ID],
+        trusted_peer=request.app[GATEWAY].trusted_proxies.trusts(request.remote),
     )
 
 

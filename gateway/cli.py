@@ -23,6 +23,7 @@ from gateway.config import GatewayConfig, load_config
 from gateway.connection_guard import ConnectionGuard
 from gateway.errors import ConfigError, JournalUnavailable
 from gateway.log import configure_logging
+from gateway.runtime import GATEWAY
 
 EXIT_CONFIG = 2
 log = structlog.get_logger("gateway")
@@ -122,7 +123,11 @@ async def serve(config: GatewayConfig, *, recover: bool = True, reuse_port: bool
     await runner.setup()
     assert runner.server is not None
     listen = config.listen
-    guard = ConnectionGuard(listen.header_timeout, listen.max_connections, listen.backlog)
+    metrics = app[GATEWAY].metrics
+    guard = ConnectionGuard(
+        listen.header_timeout, listen.max_connections, listen.backlog,
+        on_protocol_error=lambda status: metrics.requests.labels("protocol_error", str(status)).inc(),
+    )
     guard.install(runner.server)
     site = web.TCPSite(
         runner, config.listen.host, config.listen.port, reuse_port=reuse_port or None,

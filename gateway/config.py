@@ -5,6 +5,7 @@ An invalid file raises ConfigError naming the file, the key path and the problem
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -295,7 +296,19 @@ class GatewayConfig(_Strict):
     journal: Journal = Journal()
     gateway: GatewayEndpoints = GatewayEndpoints()
     proxy: Proxy = Proxy()
+    trusted_proxies: tuple[str, ...] = ()
+    """CIDRs of proxies in front of the gateway whose X-Forwarded-* / Forwarded are kept."""
     shutdown_grace: float = Field(30.0, ge=0)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _cidrs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for cidr in value:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"{cidr!r} is not an IP address or CIDR such as 10.0.0.0/8") from None
+        return value
 
     @model_validator(mode="after")
     def _cross_checks(self) -> GatewayConfig:

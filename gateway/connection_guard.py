@@ -1,7 +1,8 @@
 """Client connection limits aiohttp's server lacks: a header read timeout and a cap on open connections.
 
 A connection that started a request must finish its headers within `listen.header_timeout`; when
-`listen.max_connections` are open, the one idle or stuck in its headers longest makes room.
+`listen.max_connections` are open, the one idle or stuck in its headers longest makes room. Requests
+aiohttp cannot parse are answered with problem+json and one log line.
 """
 
 from __future__ import annotations
@@ -9,11 +10,18 @@ from __future__ import annotations
 import asyncio
 import resource
 import time
+from collections.abc import Callable
+from http import HTTPStatus
 from typing import Any
 
 import structlog
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+
+from gateway.errors import BadHttp, GatewayError
+from gateway.headers import new_request_id
+from gateway.problem import PROBLEM_JSON, problem_body
 
 log = structlog.get_logger("gateway.connections")
 
@@ -41,11 +49,15 @@ class RateLimitedLog:
 class ConnectionGuard:
     """Shared by every connection of one server: the limits, and the log of what they closed."""
 
-    def __init__(self, header_timeout: float, max_connections: int, backlog: int) -> None:
+    def __init__(
+        self, header_timeout: float, max_connections: int, backlog: int,
+        on_protocol_error: Callable[[int], None] | None = None,
+    ) -> None:
         """The effective cap and backlog also fit the file descriptor limit: asyncio accepts up
         to `backlog` connections in one go before any is closed, so both must fit together
         (else accept() fails with EMFILE and asyncio stops accepting for a whole second)."""
         self.header_timeout = header_timeout
+        self.on_protocol_error = on_protocol_error
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         available = max_connections + backlog if soft == resource.RLIM_INFINITY else soft - FD_RESERVE
         self.backlog = max(16, min(backlog, available // 4))
@@ -138,3 +150,25 @@ class GuardedRequestHandler(RequestHandler):
         self._stop_header_timer()
         self._guard.lost(self)
         super().connection_lost(exc)
+
+    def handle_error(
+        self, request: BaseRequest, status: int = 500, exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """aiohttp's answer to a request it could not parse or handle: problem+json and one
+        structured log line with a request id, instead of text/plain and a traceback."""
+        request_id = new_request_id()
+        detail = " ".join(str(message or exc or HTTPStatus(status).phrase).split())[:300]
+        self._guard.log.warning("protocol_error", status=status, error=type(exc).__name__,
+                                detail=detail, request_id=request_id)
+        if self._guard.on_protocol_error is not None:
+            self._guard.on_protocol_error(status)
+        if request.writer.output_size > 0:
+            raise ConnectionError("the response had started; the connection is closed")
+        error: GatewayError = BadHttp(detail) if status < 500 else GatewayError("the gateway failed")
+        error.status = status
+        body = problem_body(error, request_id=request_id, instance=request.rel_url.raw_path)
+        response = web.Response(status=status, body=body, content_type=PROBLEM_JSON)
+        response.headers["X-Request-ID"] = request_id
+        response.force_close()
+        return response

@@ -27,6 +27,13 @@ class ClientError(GatewayError):
     type_suffix = "bad-request"
 
 
+class BadHttp(ClientError):
+    """The request is not valid HTTP/1.x (framing, version, syntax); the connection is closed."""
+
+    title = "Bad HTTP request"
+    type_suffix = "bad-http"
+
+
 class MalformedBatch(ClientError):
     title = "Malformed batch"
     type_suffix = "malformed-batch"

@@ -5,6 +5,7 @@ Pure functions over multidicts; used by the proxy, the planner and the multipart
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import secrets
 from collections.abc import Iterable
@@ -116,14 +117,57 @@ def new_request_id() -> str:
     return secrets.token_hex(16)
 
 
+FORWARDING = ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded")
+
+
+class TrustedProxies:
+    """The peers (CIDRs from `trusted_proxies`) whose X-Forwarded-* and Forwarded are believed."""
+
+    def __init__(self, cidrs: Iterable[str] = ()) -> None:
+        self._networks = [ipaddress.ip_network(cidr, strict=False) for cidr in cidrs]
+
+    def trusts(self, peer: str | None) -> bool:
+        if peer is None or not self._networks:
+            return False
+        try:
+            address = ipaddress.ip_address(peer.split("%", 1)[0])
+        except ValueError:
+            return False
+        return any(address in network for network in self._networks)
+
+
 def add_forwarding(
-    headers: CIMultiDict[str], *, client_ip: str | None, proto: str, host: str | None, request_id: str
+    headers: CIMultiDict[str], *, client_ip: str | None, proto: str, host: str | None,
+    request_id: str, trusted: bool = False,
 ) -> None:
-    """Append the client to X-Forwarded-For and set -Proto, -Host and X-Request-ID."""
+    """Record the hop the gateway saw, in X-Forwarded-* and RFC 7239 Forwarded, and X-Request-ID.
+
+    From a peer that is not a trusted proxy, incoming forwarding headers are dropped first (a
+    client could claim any address); from a trusted one they are kept and the hop appended, and
+    its X-Forwarded-Proto/-Host (what the client really used) win over the gateway's view.
+    """
+    if not trusted:
+        for name in FORWARDING:
+            headers.popall(name, None)
     prior = ", ".join(headers.getall("X-Forwarded-For", []))
     if client_ip:
         headers["X-Forwarded-For"] = f"{prior}, {client_ip}" if prior else client_ip
-    headers["X-Forwarded-Proto"] = proto
+    headers.setdefault("X-Forwarded-Proto", proto)
     if host:
-        headers["X-Forwarded-Host"] = host
+        headers.setdefault("X-Forwarded-Host", host)
+    element = forwarded_element(client_ip, proto, host)
+    prior_forwarded = ", ".join(headers.getall("Forwarded", []))
+    headers["Forwarded"] = f"{prior_forwarded}, {element}" if prior_forwarded else element
     headers["X-Request-ID"] = request_id
+
+
+def forwarded_element(client_ip: str | None, proto: str, host: str | None) -> str:
+    """One RFC 7239 element: for (IPv6 bracketed and quoted), proto, host (quoted)."""
+    parts = []
+    if client_ip:
+        node = f'"[{client_ip}]"' if ":" in client_ip else client_ip
+        parts.append(f"for={node}")
+    parts.append(f"proto={proto}")
+    if host:
+        parts.append('host="' + host.replace("\\", "").replace('"', "") + '"')
+    return ";".join(parts)

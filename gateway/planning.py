@@ -28,6 +28,8 @@ class OuterRequest:
     proto: str
     host: str | None
     request_id: str
+    trusted_peer: bool = False
+    """The peer is a trusted proxy: its X-Forwarded-* / Forwarded are kept."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +134,7 @@ class Planner:
             proto=outer.proto,
             host=outer.host,
             request_id=outer.request_id,
+            trusted=outer.trusted_peer,
         )
         calls: list[PlannedCall] = []
         root = self._node(item, base, outer.raw_query, calls)

@@ -35,6 +35,7 @@ def forward_headers(request: web.Request) -> CIMultiDict[str]:
         proto=request.scheme,
         host=request.host,
         request_id=request[REQUEST_ID],
+        trusted=request.app[GATEWAY].trusted_proxies.trusts(request.remote),
     )
     return headers
 

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from gateway.batch_service import BatchService
 from gateway.config import GatewayConfig
+from gateway.headers import TrustedProxies
 from gateway.metrics import GatewayMetrics
 from gateway.routing import RouteTable
 from gateway.upstream import UpstreamPool
@@ -33,6 +34,7 @@ class Gateway:
     metrics: GatewayMetrics
     batches: BatchService
     extras: dict[str, Any] = field(default_factory=dict)
+    trusted_proxies: TrustedProxies = field(default_factory=TrustedProxies)
 
 
 GATEWAY = web.AppKey("gateway", Gateway)

@@ -267,11 +267,30 @@ async def test_forwarding_headers_are_added(gateway: Client, legacy: TestServer)
     assert seen["Host"] == f"{legacy.host}:{legacy.port}", "Host names the upstream, not the gateway"
 
 
-async def test_x_forwarded_for_appends_the_client_to_incoming_values(gateway: Client) -> None:
-    headers = [("X-Forwarded-For", "203.0.113.7"), ("X-Forwarded-For", "198.51.100.2, 10.0.0.1")]
+async def test_x_forwarded_for_from_a_trusted_proxy_gets_the_client_appended(
+    make_gateway: MakeGateway,
+) -> None:
+    gateway = await make_gateway({"trusted_proxies": ["127.0.0.0/8"]})
+    headers = [("X-Forwarded-For", "203.0.113.7"), ("X-Forwarded-For", "198.51.100.2, 10.0.0.1"),
+               ("X-Forwarded-Proto", "https"), ("Forwarded", 'for=203.0.113.7;proto=https')]
     async with gateway.get("/echo", headers=headers) as response:
         seen = received_headers(await response.json())
     assert seen.getall("X-Forwarded-For") == ["203.0.113.7, 198.51.100.2, 10.0.0.1, 127.0.0.1"]
+    assert seen.getall("X-Forwarded-Proto") == ["https"]  # what the client used at the proxy
+    assert seen.getall("Forwarded") == [
+        f'for=203.0.113.7;proto=https, for=127.0.0.1;proto=http;host="{gateway.host}:{gateway.port}"'
+    ]
+
+
+async def test_forwarding_headers_from_an_untrusted_client_are_replaced(gateway: Client) -> None:
+    headers = [("X-Forwarded-For", "203.0.113.7"), ("X-Forwarded-Host", "evil.example"),
+               ("X-Forwarded-Proto", "https"), ("Forwarded", "for=10.9.9.9")]
+    async with gateway.get("/echo", headers=headers) as response:
+        seen = received_headers(await response.json())
+    assert seen.getall("X-Forwarded-For") == ["127.0.0.1"]
+    assert seen.getall("X-Forwarded-Proto") == ["http"]
+    assert seen.getall("X-Forwarded-Host") == [f"{gateway.host}:{gateway.port}"]
+    assert seen.getall("Forwarded") == [f'for=127.0.0.1;proto=http;host="{gateway.host}:{gateway.port}"']
 
 
 async def test_client_request_id_is_sent_upstream_and_returned(gateway: Client) -> None:

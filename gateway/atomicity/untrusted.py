@@ -29,6 +29,10 @@ class UntrustedValue(Exception):
     """A value from an upstream response that the gateway will not put into a call it makes."""
 
 
+class DecodedTooLarge(UntrustedValue):
+    """A compressed body that decodes to more than the cap."""
+
+
 def in_scope(path: str, scope: str) -> bool:
     """Is `path` under `scope` (both relative to the upstream's base path; "" is the whole upstream)?"""
     return scope in ("", "/") or path == scope or path.startswith(scope.rstrip("/") + "/")
@@ -152,7 +156,7 @@ def _decode_one(coding: str, body: bytes, cap: int) -> bytes:
         except zlib.error as exc:
             raise UntrustedValue(f"the {coding} body is corrupt: {exc}") from None
         if len(out) > cap or decoder.unconsumed_tail:
-            raise UntrustedValue(f"the {coding} body decodes to more than {cap} bytes")
+            raise DecodedTooLarge(f"the {coding} body decodes to more than {cap} bytes")
         if not decoder.eof:
             raise UntrustedValue(f"the {coding} body is truncated")
         return out
