@@ -6,6 +6,7 @@ aiohttp client exceptions are translated here into UpstreamUnavailable / Upstrea
 from __future__ import annotations
 
 import asyncio
+import errno
 import time
 from collections.abc import AsyncIterator, Callable, Hashable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import structlog
 from yarl import URL
 
 from gateway.budget import BudgetExceeded, ByteBudget
@@ -21,6 +23,8 @@ from gateway.errors import UpstreamBusy, UpstreamError, UpstreamTimeout, Upstrea
 from gateway.fair_slots import FairSlots
 from gateway.headers import safe_reason
 from gateway.model import Headers, SubResponse
+
+log = structlog.get_logger("gateway.upstream")
 
 Observer = Callable[[str, int, float], None]
 """Called with (upstream, status or 0, seconds) after every upstream call."""
@@ -44,28 +48,54 @@ class UpstreamCall:
 def translate_errors(upstream: str) -> Iterator[None]:
     """Turn aiohttp client errors into the gateway's own, most specific first.
 
-    A ValueError (aiohttp.InvalidURL is one) is raised while the request is built, before a byte
-    is written: that call was not executed.
+    The client sees the upstream's configured name and a stable reason; the full error (addresses,
+    DNS and TLS details) is logged under the request id. A ValueError (aiohttp.InvalidURL is one)
+    is raised while the request is built, before a byte is written: that call was not executed.
     """
     try:
         yield
     except aiohttp.ConnectionTimeoutError as exc:
+        _log_detail(upstream, exc)
         raise UpstreamTimeout(f"connecting to upstream {upstream!r} timed out") from exc
     except (aiohttp.ServerTimeoutError, TimeoutError) as exc:
         raise UpstreamTimeout(
             f"upstream {upstream!r} did not answer in time", maybe_executed=True
         ) from exc
     except aiohttp.ClientConnectorError as exc:
-        raise UpstreamUnavailable(f"upstream {upstream!r} is unreachable: {exc.os_error}") from exc
+        _log_detail(upstream, exc)
+        raise UpstreamUnavailable(f"upstream {upstream!r} is unreachable ({_reason(exc)})") from exc
     except ValueError as exc:  # aiohttp refused to build the request (URL, header): nothing was sent
+        _log_detail(upstream, exc)
         raise UpstreamError(
-            f"the gateway refused to send a call to upstream {upstream!r}: {str(exc)[:200]}"
+            f"the gateway refused to send a call to upstream {upstream!r} (an invalid URL or header)"
         ) from exc
     except aiohttp.ClientError as exc:
+        _log_detail(upstream, exc)
         raise UpstreamUnavailable(
-            f"connection to upstream {upstream!r} failed: {type(exc).__name__}",
-            maybe_executed=True,
+            f"connection to upstream {upstream!r} failed ({_reason(exc)})", maybe_executed=True,
         ) from exc
+
+
+def _reason(exc: Exception) -> str:
+    """A stable, address-free reason for a client error."""
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return "name resolution failed"
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
+        return "TLS handshake failed"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        refused = getattr(exc.os_error, "errno", None) == errno.ECONNREFUSED
+        return "connection refused" if refused else "cannot connect"
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
+        return "connection lost"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "the response body broke off"
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return "invalid response"
+    return "connection error"
+
+
+def _log_detail(upstream: str, exc: Exception) -> None:
+    log.warning("upstream_error", upstream=upstream, error=type(exc).__name__, detail=str(exc)[:500])
 
 
 def check_status(upstream: str, status: int) -> None:

@@ -272,6 +272,13 @@ def _rule(
     return spec.undo_method or "DELETE", path, encoded
 
 
+def relative_path(ctx: CallContext, call: UpstreamCall) -> str:
+    """A gateway-made call's path for clients: relative to the upstream's base path (internal)."""
+    base = ctx.routes.base_path(call.upstream)
+    path = call.url.raw_path
+    return path[len(base):] or "/" if base and path.startswith(base) else path
+
+
 def undo_succeeded(call: UpstreamCall, response: SubResponse) -> bool:
     """2xx; a DELETE that finds nothing (404/410) has nothing left to undo either."""
     if call.method == "DELETE" and response.status in (404, 410):

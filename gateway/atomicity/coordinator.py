@@ -20,6 +20,7 @@ from gateway.atomicity.compensation import (
     UndoImpossible,
     encode_response,
     encode_snapshot,
+    relative_path,
     snapshot_call,
 )
 from gateway.atomicity.journal import Journal
@@ -213,12 +214,13 @@ class AtomicRun:
         response = await send_within(self._pool, call, self._deadline, self._budget_bytes)
         if isinstance(response, CallFailure):
             return CallFailure(response.status, f"snapshot before the call failed: {response.reason}")
+        shown = relative_path(self.ctx, call)
         if not (200 <= response.status < 300 or response.status in (404, 410)):
-            return CallFailure(502, f"snapshot GET {call.url.path} answered {response.status}")
+            return CallFailure(502, f"snapshot GET {shown} answered {response.status}")
         try:
             snapshot = encode_snapshot(response, self._cap)
         except UntrustedValue as exc:
-            return CallFailure(502, f"not sent: the snapshot GET {call.url.path} cannot be restored ({exc})")
+            return CallFailure(502, f"not sent: the snapshot GET {shown} cannot be restored ({exc})")
         size = len(json.dumps(snapshot))
         if self._used + size > self._budget:
             return CallFailure(

@@ -11,7 +11,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.atomicity.compensation import CallContext, UndoImpossible, undo_call, undo_succeeded
+from gateway.atomicity.compensation import (
+    CallContext,
+    UndoImpossible,
+    relative_path,
+    undo_call,
+    undo_succeeded,
+)
 from gateway.config import Rollback
 from gateway.errors import UpstreamError
 from gateway.upstream import UpstreamPool
@@ -59,6 +65,8 @@ async def run_undo(
     if call is None:
         return UndoResult(True, "nothing to undo")
 
+    shown = relative_path(ctx, call)
+
     async def attempt() -> str | None:
         try:
             response = await pool.send(call)
@@ -66,9 +74,9 @@ async def run_undo(
             return exc.detail
         if undo_succeeded(call, response):
             return None
-        return f"{call.method} {call.url.path} answered {response.status}"
+        return f"{call.method} {shown} answered {response.status}"
 
     error, tries = await with_retries(attempt, policy)
     if error is None:
-        return UndoResult(True, f"{call.method} {call.url.path}", tries)
+        return UndoResult(True, f"{call.method} {shown}", tries)
     return UndoResult(False, f"undo failed after {tries} attempts: {error}", tries)

@@ -54,6 +54,13 @@ def checked_path(path: str, *, scope: str, what: str) -> str:
     return target.path
 
 
+def _shown(location: str) -> str:
+    """A Location for messages: its path only (never another host, port or credentials)."""
+    start = location.find("/", location.find("//") + 2) if "//" in location else 0
+    path = location[start:] if start >= 0 else ""
+    return repr(path[:120]) if path.startswith("/") else "(not a path)"
+
+
 def created_path_from_location(
     location: str, *, forward_url: URL, base_path: str, scope: str, forward_path: str
 ) -> str:
@@ -64,30 +71,30 @@ def created_path_from_location(
     and not the collection the forward call went to.
     """
     if len(location) > MAX_LOCATION_CHARS or _CONTROL.search(location) or " " in location:
-        raise UntrustedValue(f"Location {location[:200]!r} refused: too long or holds control characters")
+        raise UntrustedValue(f"Location {_shown(location)} refused: too long or holds control characters")
     if location.startswith("//") or "\\" in location:
-        raise UntrustedValue(f"Location {location[:200]!r} refused: scheme-relative or backslash")
+        raise UntrustedValue(f"Location {_shown(location)} refused: scheme-relative or backslash")
     try:  # yarl raises ValueError, IndexError, ... on odd input: any of them is a refusal
         given = URL(location)
         resolved = forward_url.join(given)
         has_credentials = given.user is not None or given.password is not None
         same_origin = resolved.is_absolute() and resolved.origin() == forward_url.origin()
         raw_path = given.raw_path if given.raw_path.startswith("/") else resolved.raw_path
-    except Exception as exc:
-        raise UntrustedValue(f"Location {location[:200]!r} refused: not a usable URL ({exc!r})") from None
+    except Exception:
+        raise UntrustedValue(f"Location {_shown(location)} refused: not a usable URL") from None
     if has_credentials:
-        raise UntrustedValue(f"Location {location[:200]!r} refused: it carries credentials")
+        raise UntrustedValue(f"Location {_shown(location)} refused: it carries credentials")
     if not same_origin or resolved.user is not None:
-        raise UntrustedValue(f"Location {location[:200]!r} refused: it points outside the upstream")
+        raise UntrustedValue(f"Location {_shown(location)} refused: it points outside the upstream")
     if _has_dot_segments(given.raw_path) or "//" in raw_path:
-        raise UntrustedValue(f"Location {location[:200]!r} refused: dot segments or an empty segment")
+        raise UntrustedValue(f"Location {_shown(location)} refused: dot segments or an empty segment")
     base = base_path.rstrip("/")
     if base and raw_path != base and not raw_path.startswith(base + "/"):
-        raise UntrustedValue(f"Location {location[:200]!r} refused: it is outside the upstream's base path")
+        raise UntrustedValue(f"Location {_shown(location)} refused: it is outside the upstream's base path")
     relative = raw_path[len(base) :] or "/"
     path = checked_path(relative, scope=scope, what="Location")
     if path.rstrip("/") in (forward_path.rstrip("/"), scope.rstrip("/"), ""):
-        raise UntrustedValue(f"Location {location[:200]!r} refused: it names the collection, not a resource")
+        raise UntrustedValue(f"Location {_shown(location)} refused: it names the collection, not a resource")
     return path
 
 
