@@ -6,6 +6,7 @@ Every URL the gateway calls is built here from a configured upstream; a client c
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 from urllib.parse import unquote, unquote_to_bytes
 
@@ -72,22 +73,22 @@ def parse_target(target: str, where: str | None = None) -> Target:
     return Target(path=path, query=query)
 
 
-_LOOKALIKES = ("\uff0e", "\uff0f", "\uff3c", "\u2024", "\u2215")
-"""Fullwidth full stop, solidus and reverse solidus, one dot leader, division slash."""
+_OVERLONG = re.compile(rb"[\xc0\xc1\xf5-\xff]|\xe0[\x80-\x9f]|\xf0[\x80-\x8f]")
+"""Byte patterns only overlong (or out-of-range) UTF-8 produces: %c0%ae is a disguised dot."""
 
 
 def _escapes(path: str) -> bool:
     once = unquote(path)
     twice = unquote(once)
-    if any(mark in text for text in (once, twice) for mark in ("\\", *_LOOKALIKES)):
+    if any(_OVERLONG.search(unquote_to_bytes(text)) for text in (path, once)):
         return True
-    if any(byte in (0xC0, 0xC1) for byte in unquote_to_bytes(path)):  # only ever overlong UTF-8
-        return True
-    return any(
-        segment.split(";", 1)[0] in (".", "..")
-        for text in (once, twice)
-        for segment in text.split("/")
-    )
+    for text in (once, twice):
+        folded = unicodedata.normalize("NFKC", text)  # fullwidth dots and slashes, two-dot leader
+        if "\\" in folded or folded.count("/") != text.count("/"):
+            return True
+        if any(segment.split(";", 1)[0] in (".", "..") for segment in folded.split("/")):
+            return True
+    return False
 
 
 _RAW_FORBIDDEN = re.compile(r"[^\x21-\x7e]|\\")
