@@ -14,13 +14,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import resources
 
 import structlog
-from aiohttp import HttpVersion10, web
+from aiohttp import HttpVersion, HttpVersion10, HttpVersion11, web
 
 from gateway.atomicity.recovery import Recovery
 from gateway.batch_endpoints import add_batch_routes
 from gateway.batch_service import BatchService
 from gateway.config import GatewayConfig
-from gateway.errors import BadHttp, ClientError, GatewayError
+from gateway.errors import BadHttp, ClientError, GatewayError, UnsupportedVersion
 from gateway.headers import TrustedProxies, new_request_id
 from gateway.metrics import GatewayMetrics
 from gateway.problem import PROBLEM_JSON, problem_body
@@ -56,8 +56,8 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     started = time.perf_counter()
     response: web.StreamResponse
     try:
-        if request.version < HttpVersion10:  # "GET /" with no version: HTTP/0.9 has no headers
-            response = problem_response(BadHttp("HTTP/0.9 requests are not served; use HTTP/1.x"), request)
+        if request.version not in (HttpVersion10, HttpVersion11):  # HTTP/0.9 ("GET /"), "HTTP/2.0"
+            response = problem_response(_unsupported(request.version), request)
             response.force_close()
         else:
             response = await _handle(request, handler)
@@ -67,6 +67,12 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         response.headers.setdefault("X-Request-ID", request[REQUEST_ID])
     _log_access(request, response.status, started)
     return response
+
+
+def _unsupported(version: HttpVersion) -> GatewayError:
+    """HTTP/0.9 is malformed for an HTTP/1.x server (400); a newer version is 505."""
+    text = f"HTTP/{version.major}.{version.minor} requests are not served; use HTTP/1.0 or HTTP/1.1"
+    return BadHttp(text) if version < HttpVersion10 else UnsupportedVersion(text)
 
 
 async def _handle(request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -59,7 +59,11 @@ async def read_body(request: web.Request, limit: int, where: str) -> bytes:
 def decoded(request: web.Request, body: bytes, limit: int, where: str) -> bytes:
     """A batch body with its Content-Encoding undone: gzip or deflate, decoded size capped at
     `limit` (413 above: a zip bomb); any other coding is 415."""
-    codings = [c.strip().lower() for c in request.headers.get("Content-Encoding", "").split(",")]
+    codings = [
+        c.strip().lower()
+        for line in request.headers.getall("Content-Encoding", [])
+        for c in line.split(",")
+    ]
     codings = [c for c in codings if c and c != "identity"]
     unknown = [c for c in codings if c not in ("gzip", "x-gzip", "deflate")]
     if unknown:

@@ -180,9 +180,11 @@ class Route(_Strict):
     @field_validator("methods")
     @classmethod
     def _methods(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        """A route may also list TRACE or CONNECT: only then does the proxy pass them on."""
         if value is not None:
             for method in value:
-                CallTemplate._method(method)
+                if method.upper() not in ("TRACE", "CONNECT"):
+                    CallTemplate._method(method)
             return tuple(m.upper() for m in value)
         return value
 

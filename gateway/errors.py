@@ -34,6 +34,13 @@ class BadHttp(ClientError):
     type_suffix = "bad-http"
 
 
+class UnsupportedVersion(BadHttp):
+    """HTTP/0.9, or a request line claiming a version other than 1.0 and 1.1."""
+
+    status = 505
+    title = "HTTP version not supported"
+
+
 class MalformedBatch(ClientError):
     title = "Malformed batch"
     type_suffix = "malformed-batch"

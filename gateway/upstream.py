@@ -99,10 +99,12 @@ def _log_detail(upstream: str, exc: Exception) -> None:
 
 
 def check_status(upstream: str, status: int) -> None:
-    """A status outside 100-599 is not HTTP: the call failed (502 naming the upstream)."""
-    if not 100 <= status <= 599:
+    """A final status outside 200-599 is a failed call (502 naming the upstream): beyond 599 is not
+    HTTP, and a 1xx cannot be final for a request that asked for no upgrade (a relayed 101 would
+    turn the client's connection into a tunnel)."""
+    if not 200 <= status <= 599:
         raise UpstreamError(
-            f"upstream {upstream!r} answered status {status}, outside 100-599", maybe_executed=True
+            f"upstream {upstream!r} answered status {status} as its final answer", maybe_executed=True
         )
 
 

@@ -155,22 +155,29 @@ def decoded_body(headers: Sequence[Sequence[str]], body: bytes, cap: int) -> byt
 
 
 def _decode_one(coding: str, body: bytes, cap: int) -> bytes:
-    if coding in ("gzip", "x-gzip", "deflate"):
-        wbits = 16 + zlib.MAX_WBITS if coding != "deflate" else _deflate_wbits(body)
-        decoder = zlib.decompressobj(wbits)
+    if coding not in ("gzip", "x-gzip", "deflate"):
+        raise UntrustedValue(
+            f"Content-Encoding {coding[:40]!r} cannot be decoded safely (gzip and deflate can); "
+            "the gateway asked for identity"
+        )
+    gzip = coding != "deflate"
+    out = bytearray()
+    rest = body
+    while True:  # gzip allows several members one after another (`cat a.gz b.gz`)
+        decoder = zlib.decompressobj(16 + zlib.MAX_WBITS if gzip else _deflate_wbits(rest))
         try:
-            out = decoder.decompress(body, cap + 1)
+            out += decoder.decompress(rest, cap + 1 - len(out))
         except zlib.error as exc:
             raise UntrustedValue(f"the {coding} body is corrupt: {exc}") from None
         if len(out) > cap or decoder.unconsumed_tail:
             raise DecodedTooLarge(f"the {coding} body decodes to more than {cap} bytes")
         if not decoder.eof:
             raise UntrustedValue(f"the {coding} body is truncated")
-        return out
-    raise UntrustedValue(
-        f"Content-Encoding {coding[:40]!r} cannot be decoded safely (gzip and deflate can); "
-        "the gateway asked for identity"
-    )
+        rest = decoder.unused_data
+        if not rest:
+            return bytes(out)
+        if not (gzip and rest[:2] == b"\x1f\x8b"):
+            raise UntrustedValue(f"the {coding} body has {len(rest)} bytes after its end")
 
 
 def _deflate_wbits(body: bytes) -> int:
