@@ -18,15 +18,28 @@ from aiohttp import HttpVersion, HttpVersion10, HttpVersion11, web
 
 from gateway.atomicity.recovery import Recovery
 from gateway.batch_endpoints import add_batch_routes
+from gateway.batch_lookup import batch_lookup
 from gateway.batch_service import BatchService
 from gateway.config import GatewayConfig
 from gateway.errors import BadHttp, ClientError, GatewayError, UnsupportedVersion
 from gateway.headers import TrustedProxies, new_request_id
+from gateway.health import UpstreamHealth, health_of, readiness
 from gateway.metrics import GatewayMetrics
 from gateway.problem import PROBLEM_JSON, problem_body
 from gateway.proxy import proxy_handler
 from gateway.routing import RouteTable
-from gateway.runtime import BATCH_ID, GATEWAY, KIND, REQUEST_ID, UPSTREAM, Gateway
+from gateway.runtime import (
+    BATCH_ID,
+    GATEWAY,
+    GATEWAY_REF,
+    KIND,
+    PINNED,
+    REQUEST_ID,
+    UPSTREAM,
+    Gateway,
+    GatewayRef,
+    gateway_of,
+)
 from gateway.upstream import UpstreamPool
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -38,6 +51,8 @@ def problem_response(error: GatewayError, request: web.Request) -> web.Response:
     body = problem_body(error, request_id=request[REQUEST_ID], instance=request.path)
     response = web.Response(status=error.status, body=body, content_type=PROBLEM_JSON)
     response.headers["X-Request-ID"] = request[REQUEST_ID]
+    if BATCH_ID in request:  # the batch ran (or runs): its id lets the client look it up
+        response.headers["X-Batch-Id"] = request[BATCH_ID]
     return response
 
 
@@ -55,6 +70,8 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     structlog.contextvars.bind_contextvars(request_id=request[REQUEST_ID])
     started = time.perf_counter()
     response: web.StreamResponse
+    pinned = request[PINNED] = request.app[GATEWAY_REF].current  # a reload never changes it now
+    pinned.active += 1
     try:
         if request.version not in (HttpVersion10, HttpVersion11):  # HTTP/0.9 ("GET /"), "HTTP/2.0"
             response = problem_response(_unsupported(request.version), request)
@@ -62,6 +79,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         else:
             response = await _handle(request, handler)
     finally:
+        pinned.active -= 1
         structlog.contextvars.unbind_contextvars("request_id", "batch_id")
     if not response.prepared:
         response.headers.setdefault("X-Request-ID", request[REQUEST_ID])
@@ -91,7 +109,7 @@ async def _handle(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 def _log_access(request: web.Request, status: int, started: float) -> None:
-    gateway = request.app[GATEWAY]
+    gateway = gateway_of(request)
     kind = request.get(KIND, "proxy")
     gateway.metrics.requests.labels(kind, str(status)).inc()
     log.info(
@@ -114,14 +132,13 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     request[KIND] = "gateway"
-    gateway = request.app[GATEWAY]
-    ready = gateway.pool.ready and gateway.extras.get("recovered", True)
-    return web.json_response({"ready": ready}, status=200 if ready else 503)
+    report = await readiness(request.app[GATEWAY])  # the policy is in gateway/health.py
+    return web.json_response(report, status=200 if report["ready"] else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
     request[KIND] = "gateway"
-    gateway = request.app[GATEWAY]
+    gateway = gateway_of(request)
     response = web.Response(body=gateway.metrics.render())
     response.headers["Content-Type"] = gateway.metrics.content_type
     return response
@@ -134,7 +151,7 @@ def _openapi_template() -> str:
 
 async def openapi(request: web.Request) -> web.Response:
     request[KIND] = "gateway"
-    gateway = request.app[GATEWAY]
+    gateway = gateway_of(request)
     doc = json.loads(_openapi_template())
     cfg = gateway.config
     paths = doc["paths"]
@@ -147,16 +164,18 @@ async def openapi(request: web.Request) -> web.Response:
 
 def build_gateway(config: GatewayConfig) -> Gateway:
     metrics_ = GatewayMetrics()
+    health = UpstreamHealth(config, metrics_)
     pool = UpstreamPool(
         config,
         max_response_bytes=config.batch.limits.max_response_bytes,
-        observe=metrics_.observe_upstream,
+        observe=health.observer(metrics_.observe_upstream),
+        on_outcome=health.record,
     )
     routes = RouteTable(config)
     batches = BatchService(config, routes, pool, metrics_)
     return Gateway(
         config=config, routes=routes, pool=pool, metrics=metrics_, batches=batches,
-        trusted_proxies=TrustedProxies(config.trusted_proxies),
+        trusted_proxies=TrustedProxies(config.trusted_proxies), extras={"health": health},
     )
 
 
@@ -169,22 +188,28 @@ async def _prune_periodically(gateway: Gateway, every: float = 3600.0) -> None:
         await asyncio.sleep(every)
 
 
-def _warn_reserved(config: GatewayConfig) -> None:
-    """A route covering a gateway path is allowed (e.g. `/`), but never silently shadowed."""
+def reserved_route_warnings(config: GatewayConfig) -> list[str]:
+    """A route covering a gateway path is allowed (e.g. `/`), but never silently shadowed: one text
+    per such route, logged at start-up and printed by `gateway check-config`."""
     reserved = (
         config.gateway.prefix,
         config.batch.json_endpoint.path,
         config.batch.multipart_endpoint.path,
     )
+    texts = []
     for route in config.routes:
         covered = [p for p in reserved if route.prefix == "/" or p.startswith(route.prefix + "/")]
         if covered:
-            log.warning(
-                "route_partly_shadowed",
-                route=route.prefix,
-                upstream=route.upstream,
-                answered_by_gateway=covered,
+            texts.append(
+                f"route {route.prefix!r} (upstream {route.upstream}) is partly shadowed: "
+                f"{', '.join(covered)} answered by the gateway"
             )
+    return texts
+
+
+def _warn_reserved(config: GatewayConfig) -> None:
+    for text in reserved_route_warnings(config):
+        log.warning("route_partly_shadowed", detail=text)
 
 
 def create_app(config: GatewayConfig, *, recover: bool = True) -> web.Application:
@@ -199,11 +224,13 @@ def create_app(config: GatewayConfig, *, recover: bool = True) -> web.Applicatio
     # decode an encoded body themselves, with a cap.
     app = web.Application(middlewares=[request_context], handler_args={"auto_decompress": False})
     app[GATEWAY] = gateway
+    app[GATEWAY_REF] = GatewayRef(gateway)
     prefix = config.gateway.prefix
     app.router.add_get(f"{prefix}/healthz", healthz)
     app.router.add_get(f"{prefix}/readyz", readyz)
     app.router.add_get(f"{prefix}/metrics", metrics)
     app.router.add_get(f"{prefix}/openapi.json", openapi)
+    app.router.add_get(f"{prefix}/batches/{{batch_id}}", batch_lookup)
     add_batch_routes(app, config)
     app.router.add_route("*", "/{tail:.*}", proxy_handler)
     _warn_reserved(config)
@@ -218,6 +245,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await gateway.pool.start()
     await gateway.batches.journal.open()
     try:
+        health_of(gateway).start(gateway.pool, gateway.routes)  # active checks, where configured
         if gateway.extras["recover_on_start"]:
             report = await Recovery(
                 gateway.config, gateway.routes, gateway.pool, gateway.batches.journal
@@ -232,6 +260,13 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         yield
         pruner.cancel()
     finally:
-        await gateway.batches.drain(gateway.config.shutdown_grace)
+        gateway = app[GATEWAY_REF].current  # after reloads: the newest generation
+        deadline = gateway.batches.shutdown.deadline  # set by serve(): one deadline for it all
+        left = gateway.config.shutdown_grace if deadline is None else deadline - time.monotonic()
+        await gateway.batches.drain(left)
+        for retiring in list(gateway.extras.get("retiring", ())):
+            retiring.cancel()
+        await health_of(gateway).stop()
         await gateway.pool.close()
+        await app[GATEWAY].pool.close()  # the first generation's, if a reload replaced it
         await gateway.batches.journal.close()

@@ -22,7 +22,7 @@ from gateway.formats.json_batch import JsonBatchCodec
 from gateway.formats.multipart_batch import MultipartBatchCodec
 from gateway.model import BatchReport, ExecutionMode, Item
 from gateway.planning import OuterRequest
-from gateway.runtime import BATCH_ID, GATEWAY, KIND, REQUEST_ID
+from gateway.runtime import BATCH_ID, KIND, REQUEST_ID, gateway_of
 
 log = structlog.get_logger("gateway.batch")
 ATOMIC_HEADER = "X-Batch-Atomic"
@@ -42,7 +42,7 @@ async def read_body(request: web.Request, limit: int, where: str) -> bytes:
             where=where,
         )
     body = bytearray()
-    seconds = request.app[GATEWAY].config.proxy.body_timeout
+    seconds = gateway_of(request).config.proxy.body_timeout
     try:
         async with asyncio.timeout(seconds):
             async for chunk in request.content.iter_chunked(64 * 1024):
@@ -90,7 +90,7 @@ def outer_request(request: web.Request) -> OuterRequest:
         proto=request.scheme,
         host=request.host,
         request_id=request[REQUEST_ID],
-        trusted_peer=request.app[GATEWAY].trusted_proxies.trusts(request.remote),
+        trusted_peer=gateway_of(request).trusted_proxies.trusts(request.remote),
     )
 
 
@@ -119,7 +119,7 @@ def execution_mode(request: web.Request, endpoint: BatchEndpoint) -> ExecutionMo
 async def run_batch(
     request: web.Request, item: Item, endpoint: BatchEndpoint, budget: ByteBudget
 ) -> BatchReport:
-    service = request.app[GATEWAY].batches
+    service = gateway_of(request).batches
     batch_id = new_batch_id()
     request[BATCH_ID] = batch_id
     structlog.contextvars.bind_contextvars(batch_id=batch_id)
@@ -160,7 +160,7 @@ def report_headers(report: BatchReport) -> dict[str, str]:
 
 async def json_batch(request: web.Request) -> web.StreamResponse:
     request[KIND] = "batch_json"
-    config = request.app[GATEWAY].config
+    config = gateway_of(request).config
     ctype = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
     if ctype != "application/json" and not ctype.endswith("+json"):
         got = repr(ctype) if ctype else "no Content-Type"
@@ -171,7 +171,7 @@ async def json_batch(request: web.Request) -> web.StreamResponse:
         )
     codec = JsonBatchCodec(config.batch.limits.batch_limits())
     item = codec.decode(await read_body(request, config.batch.limits.max_body_bytes, "/"))
-    budget = request.app[GATEWAY].batches.new_budget()
+    budget = gateway_of(request).batches.new_budget()
     try:
         report = await run_batch(request, item, config.batch.json_endpoint, budget)
         return await write_answer(
@@ -183,14 +183,14 @@ async def json_batch(request: web.Request) -> web.StreamResponse:
 
 async def multipart_batch(request: web.Request) -> web.StreamResponse:
     request[KIND] = "batch_multipart"
-    config = request.app[GATEWAY].config
+    config = gateway_of(request).config
     endpoint = config.batch.multipart_endpoint
     codec = MultipartBatchCodec(config.batch.limits.batch_limits())
     body = await read_body(request, config.batch.limits.max_body_bytes, "body")
     batch = codec.decode(
         body, request.headers.get("Content-Type", ""), execution_mode(request, endpoint)
     )
-    budget = request.app[GATEWAY].batches.new_budget()
+    budget = gateway_of(request).batches.new_budget()
     try:
         report = await run_batch(request, batch, endpoint, budget)
         content_ids = [getattr(part, "content_id", None) for part in batch.items]

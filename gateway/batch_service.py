@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 
 import structlog
 
@@ -15,6 +16,7 @@ from gateway.atomicity.journal import Journal, open_journal
 from gateway.atomicity.plan import plan_atomicity
 from gateway.budget import ByteBudget
 from gateway.config import GatewayConfig
+from gateway.errors import ShuttingDown
 from gateway.execution import Deadline, execute, plain_runner
 from gateway.metrics import GatewayMetrics
 from gateway.model import BatchReport, Item, ItemResult, ResultNode, Skipped
@@ -23,10 +25,18 @@ from gateway.routing import RouteTable
 from gateway.upstream import UpstreamPool
 
 log = structlog.get_logger("gateway.batch")
+_ANSWER_MARGIN = 0.5
+"""Seconds before the shutdown deadline at which a still-running atomic batch is answered 503."""
 
 
 def new_batch_id() -> str:
     return "b" + secrets.token_hex(12)
+
+
+class ShutdownClock:
+    """The shutdown deadline (time.monotonic()), None until the shutdown starts."""
+
+    deadline: float | None = None
 
 
 class BatchService:
@@ -47,9 +57,18 @@ class BatchService:
         self.journal: Journal = journal or open_journal(config)
         self.planner = Planner(routes)
         self._in_flight: set[asyncio.Task[BatchReport]] = set()
+        self.shutdown = ShutdownClock()
+        """When the shutdown ends; shared by every generation after reloads."""
         limits = config.batch.limits
         self.buffered = ByteBudget(limits.max_buffered_bytes, "limits.max_buffered_bytes")
         """Sub-response bytes all batches of this process hold (each batch draws a child budget)."""
+
+    def adopt(self, predecessor: BatchService) -> None:
+        """After a reload: share the process-wide buffer budget and the set of atomic runs in
+        flight (so shutdown drains every generation's), and the shutdown deadline."""
+        self.buffered = predecessor.buffered
+        self._in_flight = predecessor._in_flight
+        self.shutdown = predecessor.shutdown
 
     def new_budget(self) -> ByteBudget:
         """A batch's budget; release it once the batch's answer is written."""
@@ -84,20 +103,38 @@ class BatchService:
         run = AtomicRun(
             batch_id=batch_id, plan=plan, steps=steps, config=self._config, routes=self._routes,
             pool=self._pool, journal=self.journal, metrics=self._metrics, deadline=self.deadline(),
-            budget=budget,
+            budget=budget, owner=self.journal.owner_of(outer.headers.getall("Authorization", [])),
         )
         task = asyncio.ensure_future(run.run())
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
-        report = await asyncio.shield(task)
+        report = await self._until_done_or_shutdown(task, batch_id)
         self._count(plan, report.root)
         return report
+
+    async def _until_done_or_shutdown(self, task: asyncio.Task[BatchReport], batch_id: str) -> BatchReport:
+        """The run's report; if the shutdown deadline comes first, a 503 naming the batch (it goes
+        on until the process exits, and start-up recovery finishes it), so the client learns the
+        batch id instead of getting an empty reply. Waiting never cancels the run."""
+        while True:
+            deadline = self.shutdown.deadline
+            if deadline is None:
+                await asyncio.wait({task}, timeout=0.5)
+            else:
+                await asyncio.wait({task}, timeout=max(0.0, deadline - _ANSWER_MARGIN - time.monotonic()))
+                if not task.done():
+                    raise ShuttingDown(
+                        f"the gateway is shutting down and atomic batch {batch_id} is still running; "
+                        "it is finished by the next start-up's recovery (look it up by its id)"
+                    )
+            if task.done():
+                return task.result()
 
     async def drain(self, timeout: float) -> None:
         """Wait for atomic batches still running (e.g. their client went away) to finish."""
         if self._in_flight:
             log.info("draining_atomic_batches", count=len(self._in_flight))
-            await asyncio.wait(self._in_flight, timeout=timeout)
+            await asyncio.wait(self._in_flight, timeout=max(0.0, timeout))
 
     def _count(self, plan: BatchPlan, root: ResultNode) -> None:
         for call, result in zip(plan.calls, iter_results(root), strict=True):

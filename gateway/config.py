@@ -6,18 +6,28 @@ An invalid file raises ConfigError naming the file, the key path and the problem
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from yarl import URL
 
 from gateway.atomicity.templates import TemplateError, check_template, path_params, undo_names
 from gateway.errors import ConfigError
 from gateway.model import BatchLimits
+from gateway.tls import check_ca_file, check_cert_file, check_key_pair, check_server_name
 
 _METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 _PATH_RE = re.compile(r"^/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*$")
@@ -36,6 +46,25 @@ def _check_path(value: str) -> str:
 Path_ = Annotated[str, Field(min_length=1)]
 
 
+class ListenTls(_Strict):
+    """Serve the gateway over HTTPS (relative paths are from the working directory)."""
+
+    cert_file: str
+    """PEM certificate of the gateway, followed by its intermediates."""
+    key_file: str
+    """Its unencrypted PEM private key."""
+
+    @field_validator("cert_file")
+    @classmethod
+    def _cert_file(cls, value: str) -> str:
+        return check_cert_file(value)
+
+    @field_validator("key_file")
+    @classmethod
+    def _key_file(cls, value: str, info: ValidationInfo) -> str | None:
+        return check_key_pair(value, info.data.get("cert_file"))
+
+
 class Listen(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
@@ -51,6 +80,8 @@ class Listen(_Strict):
     max_connections: int = Field(4096, ge=16)
     """Open client connections per process (also capped by the file descriptor limit); when full,
     the connection idle or stuck in its headers longest is closed to make room."""
+    tls: ListenTls | None = None
+    """Serve HTTPS with this certificate instead of plain HTTP."""
 
 
 class Timeouts(_Strict):
@@ -134,6 +165,108 @@ class CompensationRule(_Strict):
         return CallTemplate._method(value)
 
 
+class UpstreamTls(_Strict):
+    """TLS to an https upstream (relative paths are from the working directory)."""
+
+    ca_file: str | None = None
+    """PEM bundle of the CAs trusted for this upstream, instead of the system's."""
+    cert_file: str | None = None
+    """Client certificate (PEM, with its intermediates) for an upstream that requires mTLS."""
+    key_file: str | None = Field(None, validate_default=True)
+    """Its unencrypted PEM private key: both cert_file and key_file, or neither."""
+    server_name: str | None = None
+    """The name sent as SNI and verified in the certificate, when the URL's host is an IP address
+    or another name."""
+    verify: bool = True
+    """False accepts any certificate (no CA, no name check): for testing only, warned at start-up."""
+
+    @field_validator("ca_file")
+    @classmethod
+    def _ca_file(cls, value: str | None) -> str | None:
+        return None if value is None else check_ca_file(value)
+
+    @field_validator("cert_file")
+    @classmethod
+    def _cert_file(cls, value: str | None) -> str | None:
+        return None if value is None else check_cert_file(value)
+
+    @field_validator("key_file")
+    @classmethod
+    def _key_file(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return check_key_pair(value, info.data.get("cert_file"))
+
+    @field_validator("server_name")
+    @classmethod
+    def _server_name(cls, value: str | None) -> str | None:
+        return None if value is None else check_server_name(value)
+
+
+_STATUS_RANGE_RE = re.compile(r"^\s*([0-9]{3})\s*(?:-\s*([0-9]{3})\s*)?$")
+_QUERY_RE = re.compile(r"^[A-Za-z0-9._~!$&'()*+,;=:@%/?-]*$")
+
+
+class Health(_Strict):
+    """How the gateway judges the upstream (gateway/health.py; reported by /readyz and a gauge).
+
+    Passive, always on: `failures` consecutive connect failures or timeouts of real calls mark it
+    `down` for `cooldown` seconds; then it is `probing` and the next call decides. Any answer marks
+    it `up`. Calls are never held back: this is reporting. With `path`, the gateway also GETs that
+    path every `interval` seconds through the upstream's pool (its TLS settings apply) and feeds the
+    same state: a status outside `expect_status` counts as a failure too.
+    """
+
+    failures: int = Field(5, ge=1, le=1000)
+    """Consecutive connect failures or timeouts (or failed active checks) that mark it down."""
+    cooldown: float = Field(10.0, gt=0)
+    """Seconds it stays down before it is probing (the next call or check decides)."""
+    required: bool = False
+    """While this upstream is down, /readyz answers 503; by default it is only reported."""
+    path: str | None = None
+    """The active check's origin-form path (a query allowed); none: passive only."""
+    interval: float = Field(10.0, gt=0)
+    """Seconds from the end of one active check to the start of the next."""
+    timeout: float = Field(2.0, gt=0)
+    """Longest an active check may take (timeouts.total still caps it)."""
+    expect_status: tuple[tuple[int, int], ...] = ((200, 399),)
+    """Statuses that pass an active check: numbers and ranges such as "200-399"."""
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str | None) -> str | None:
+        if value is not None:
+            path, _, query = value.partition("?")
+            _check_path(path)
+            if not _QUERY_RE.match(query):
+                raise ValueError(f"must be an origin-form path such as /healthz, got {value!r}")
+        return value
+
+    @field_validator("expect_status", mode="before")
+    @classmethod
+    def _statuses(cls, value: Any) -> tuple[tuple[int, int], ...]:
+        items = value if isinstance(value, list | tuple) else [value]
+        if not items:
+            raise ValueError("give at least one status or range")
+        ranges = []
+        for item in items:
+            match = _STATUS_RANGE_RE.match(item) if isinstance(item, str) else None
+            if isinstance(item, int) and not isinstance(item, bool):
+                low = high = item
+            elif match is not None:
+                low, high = int(match[1]), int(match[2] or match[1])
+            elif isinstance(item, list | tuple) and len(item) == 2 and all(type(n) is int for n in item):
+                low, high = item
+            else:
+                raise ValueError(f"{item!r} is not a status such as 204 or a range such as \"200-399\"")
+            if not 100 <= low <= high <= 599:
+                raise ValueError(f"{item!r} is not a status or range within 100-599")
+            ranges.append((low, high))
+        return tuple(ranges)
+
+    def passes(self, status: int) -> bool:
+        """Whether an active check that answered `status` passed."""
+        return any(low <= status <= high for low, high in self.expect_status)
+
+
 class Upstream(_Strict):
     url: str
     timeouts: Timeouts = Timeouts()
@@ -148,6 +281,10 @@ class Upstream(_Strict):
     idempotency_keys: bool = False
     """The upstream honours Idempotency-Key (a repeated key replays the first answer): recovery
     may then re-send a call whose outcome is unknown to learn what it did."""
+    tls: UpstreamTls | None = None
+    """TLS settings of an https upstream: private CA, client certificate, SNI name, verification."""
+    health: Health = Health()
+    """Passive health tracking, an optional active check, and whether /readyz requires it."""
 
     @field_validator("url")
     @classmethod
@@ -158,6 +295,14 @@ class Upstream(_Strict):
         if url.query_string or url.fragment or url.user:
             raise ValueError(f"must not carry a query, fragment or credentials, got {value!r}")
         return value.rstrip("/")
+
+    @field_validator("tls")
+    @classmethod
+    def _tls_needs_https(cls, value: UpstreamTls | None, info: ValidationInfo) -> UpstreamTls | None:
+        url = info.data.get("url")
+        if value is not None and url is not None and URL(url).scheme != "https":
+            raise ValueError(f"only allowed on an https:// upstream, and url is {url!r}")
+        return value
 
 
 class Route(_Strict):
@@ -301,6 +446,13 @@ class GatewayConfig(_Strict):
     trusted_proxies: tuple[str, ...] = ()
     """CIDRs of proxies in front of the gateway whose X-Forwarded-* / Forwarded are kept."""
     shutdown_grace: float = Field(30.0, ge=0)
+    """From the end of the drain delay, the whole shutdown (in-flight requests and batches) ends
+    within this; what is still running then is cut off (atomic batches are recovered at start-up)."""
+    watch_config: bool = False
+    """Reload when the config file changes (checked every 2 s), as well as on SIGHUP."""
+    drain_delay: float = Field(0.0, ge=0)
+    """On SIGTERM, /readyz fails at once but the listener stays open this long, so load balancers
+    stop sending before connections are refused."""
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -402,28 +554,163 @@ class _KeyedError(ValueError):
         self.problem = problem
 
 
-def load_config(path: str | Path) -> GatewayConfig:
-    """Read and validate a config file; raises ConfigError, never a library exception."""
+class ConfigProblems(ConfigError):
+    """Every problem found in one file. As a ConfigError it reads as the first one (one line);
+    `problems` holds them all, in the order found (`check-config` prints each)."""
+
+    def __init__(self, problems: Sequence[ConfigError]) -> None:
+        first = problems[0]
+        super().__init__(first.file, first.key_path, first.problem)
+        self.problems = tuple(problems)
+
+
+def problems_of(error: ConfigError) -> tuple[ConfigError, ...]:
+    """The single problems a ConfigError stands for (itself, or each one of a ConfigProblems)."""
+    return error.problems if isinstance(error, ConfigProblems) else (error,)
+
+
+def _raise_all(problems: Sequence[ConfigError]) -> None:
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        raise ConfigProblems(problems)
+
+
+def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None) -> GatewayConfig:
+    """Read and validate a config file; raises ConfigError (ConfigProblems when there are several),
+    never a library exception. `${VAR}` in string values are expanded from `environ` (os.environ)."""
+    data, problems = _read_expanded(path, os.environ if environ is None else environ)
+    try:
+        config = parse_config(data, str(path))
+    except ConfigError as exc:
+        unexpanded = {problem.key_path for problem in problems}  # not reported twice
+        problems += [problem for problem in problems_of(exc) if problem.key_path not in unexpanded]
+    _raise_all(problems)
+    return config
+
+
+def read_config_data(path: str | Path, *, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The file as a mapping: read, parsed (duplicate keys refused) and with `${VAR}` expanded."""
+    data, problems = _read_expanded(path, os.environ if environ is None else environ)
+    _raise_all(problems)
+    return data
+
+
+def journal_settings(path: str | Path, *, environ: Mapping[str, str] | None = None) -> Journal | None:
+    """The journal section of a file that may be invalid elsewhere, when it is valid on its own
+    (for `check-config`, which checks the key and the location of the journal too); else None."""
+    try:
+        data, problems = _read_expanded(path, os.environ if environ is None else environ)
+        if any(problem.key_path.split(".")[0] == "journal" for problem in problems):
+            return None
+        return Journal.model_validate(data.get("journal") or {})
+    except (ConfigError, ValidationError):
+        return None
+
+
+def _read_expanded(path: str | Path, environ: Mapping[str, str]) -> tuple[dict[str, Any], list[ConfigError]]:
     name = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(name, "(file)", f"cannot read: {exc}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as exc:
         raise ConfigError(name, "(file)", f"not valid YAML: {_yaml_problem(exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(name, "(root)", "must be a mapping with upstreams and routes")
-    return parse_config(data, name)
+    problems: list[ConfigError] = []
+    expanded = expand_env(data, name, environ, problems)
+    assert isinstance(expanded, dict)
+    return expanded, problems
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key repeated in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden on purpose
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node)
+            except TypeError:  # an unhashable key: the SafeLoader refuses it below
+                continue
+            if first is not key_node:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"duplicate key {key!r}", key_node.start_mark,
+                    f"first at line {first.start_mark.line + 1}",
+                )
+        return super().construct_mapping(node, deep=deep)
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
     """PyYAML's multi-line message as one line: the problem and where (1-based line, column)."""
     if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
         mark = exc.problem_mark
-        return f"{exc.problem} at line {mark.line + 1}, column {mark.column + 1}"
+        note = f" ({exc.note})" if exc.note else ""
+        return f"{exc.problem} at line {mark.line + 1}, column {mark.column + 1}{note}"
     return " ".join(str(exc).split())
+
+
+_ENV_REF = re.compile(r"\$\$\{|\$\{([^}]*)(\}?)")
+_ENV_INNER = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?::-(.*))?", re.DOTALL)
+
+
+def expand_env(
+    value: Any, name: str, environ: Mapping[str, str], problems: list[ConfigError], key_path: str = ""
+) -> Any:
+    """`${VAR}` and `${VAR:-default}` in every string value (not in keys), recursively; `$${` is a
+    literal `${`. The default applies when VAR is unset or empty. An unset VAR without a default,
+    or a malformed reference, is appended to `problems` naming the variable and the key path."""
+    if isinstance(value, dict):
+        return {
+            key: expand_env(item, name, environ, problems, _join(key_path, key))
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [
+            expand_env(item, name, environ, problems, _join(key_path, index))
+            for index, item in enumerate(value)
+        ]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+    where = key_path or "(root)"
+
+    def substitute(match: re.Match[str]) -> str:
+        if match.group(0) == "$${":
+            return "${"
+        reference = f"${{{match.group(1)}{match.group(2)}"
+        inner = _ENV_INNER.fullmatch(match.group(1))
+        if not match.group(2) or inner is None or "${" in (inner.group(2) or ""):
+            problems.append(ConfigError(
+                name, where,
+                f"malformed {reference!r}: use ${{NAME}} or ${{NAME:-default}} (no nesting), "
+                "or $${ for a literal ${",
+            ))
+            return reference
+        variable, default = inner.group(1), inner.group(2)
+        found = environ.get(variable)
+        if default is not None:
+            return found or default
+        if found is None:
+            problems.append(ConfigError(
+                name, where,
+                f"environment variable {variable} is not set (and ${{{variable}}} has no "
+                f"default; write ${{{variable}:-default}} for one)",
+            ))
+            return reference
+        return found
+
+    return _ENV_REF.sub(substitute, value)
+
+
+def _join(key_path: str, key: Any) -> str:
+    return f"{key_path}.{key}" if key_path else str(key)
 
 
 def parse_config(data: dict[str, Any], name: str = "<config>") -> GatewayConfig:
@@ -435,7 +722,18 @@ def parse_config(data: dict[str, Any], name: str = "<config>") -> GatewayConfig:
 
 
 def _to_config_error(exc: ValidationError, name: str) -> ConfigError:
-    error = exc.errors()[0]
+    """Every validation error (a cross-field check stops at its first), as one ConfigError."""
+    problems: list[ConfigError] = []
+    seen: set[tuple[str, str]] = set()
+    for error in exc.errors():
+        problem = _one_problem(error, name)
+        if (problem.key_path, problem.problem) not in seen:
+            seen.add((problem.key_path, problem.problem))
+            problems.append(problem)
+    return problems[0] if len(problems) == 1 else ConfigProblems(problems)
+
+
+def _one_problem(error: Any, name: str) -> ConfigError:
     cause = (error.get("ctx") or {}).get("error")
     if isinstance(cause, _KeyedError):
         return ConfigError(name, cause.key_path, cause.problem)

@@ -95,6 +95,10 @@ class ConnectionGuard:
     def lost(self, handler: GuardedRequestHandler) -> None:
         self._open.pop(handler, None)
 
+    def busy(self) -> int:
+        """Connections in the middle of a request (the shutdown waits for these)."""
+        return sum(1 for connection in self._open if not connection.waiting)
+
 
 class _GuardedServer(web.Server):
     _gateway_guard: ConnectionGuard

@@ -5,7 +5,7 @@ One `GatewayMetrics` per app, so several apps (tests) never collide on the globa
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -31,9 +31,17 @@ class GatewayMetrics:
             "gateway_rollback_actions", "Compensations and transaction rollbacks",
             ["kind", "result"], registry=self.registry,
         )
+        self.reloads = Counter(
+            "gateway_config_reloads", "Config reloads by result (ok, failed)", ["result"],
+            registry=self.registry,
+        )
         self.upstream_latency = Histogram(
             "gateway_upstream_latency_seconds", "Upstream call latency", ["upstream"],
             buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.upstream_up = Gauge(
+            "gateway_upstream_up", "1 while the upstream is up, 0 while down or probing (gateway/health.py); "
+            "no sample while unknown", ["upstream"], registry=self.registry,
         )
 
     def observe_upstream(self, upstream: str, status: int, seconds: float) -> None:

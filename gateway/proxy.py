@@ -19,7 +19,7 @@ from gateway.errors import MethodRefused, RequestTimeout, UpstreamError
 from gateway.headers import add_forwarding, end_to_end, safe_reason
 from gateway.planning import REFUSED_ITEM_METHODS
 from gateway.routing import parse_target
-from gateway.runtime import GATEWAY, REQUEST_ID, UPSTREAM
+from gateway.runtime import REQUEST_ID, UPSTREAM, gateway_of
 
 _CHUNK = 64 * 1024
 log = structlog.get_logger("gateway.proxy")
@@ -35,13 +35,13 @@ def forward_headers(request: web.Request) -> CIMultiDict[str]:
         proto=request.scheme,
         host=request.host,
         request_id=request[REQUEST_ID],
-        trusted=request.app[GATEWAY].trusted_proxies.trusts(request.remote),
+        trusted=gateway_of(request).trusted_proxies.trusts(request.remote),
     )
     return headers
 
 
 async def proxy_handler(request: web.Request) -> web.StreamResponse:
-    gateway = request.app[GATEWAY]
+    gateway = gateway_of(request)
     target = parse_target(request.raw_path)
     routed = gateway.routes.route(request.method, target)
     if request.method in REFUSED_ITEM_METHODS and request.method not in (routed.route.methods or ()):

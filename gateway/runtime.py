@@ -35,6 +35,26 @@ class Gateway:
     batches: BatchService
     extras: dict[str, Any] = field(default_factory=dict)
     trusted_proxies: TrustedProxies = field(default_factory=TrustedProxies)
+    active: int = 0
+    """Requests in flight on this generation (a reload retires it once they are done)."""
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
+"""The gateway the app started with (tests and start-up); requests use `gateway_of(request)`."""
+
+
+@dataclass
+class GatewayRef:
+    """The current generation of the gateway; a reload swaps `current`."""
+
+    current: Gateway
+
+
+GATEWAY_REF = web.AppKey("gateway_ref", GatewayRef)
+PINNED = web.RequestKey("gateway_now", Gateway)
+"""The generation a request started on: it finishes on that config even if a reload happens."""
+
+
+def gateway_of(request: web.Request) -> Gateway:
+    pinned = request.get(PINNED)
+    return pinned if pinned is not None else request.app[GATEWAY_REF].current

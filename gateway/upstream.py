@@ -23,11 +23,15 @@ from gateway.errors import UpstreamBusy, UpstreamError, UpstreamTimeout, Upstrea
 from gateway.fair_slots import FairSlots
 from gateway.headers import safe_reason
 from gateway.model import Headers, SubResponse
+from gateway.tls import server_name, upstream_context
 
 log = structlog.get_logger("gateway.upstream")
 
 Observer = Callable[[str, int, float], None]
 """Called with (upstream, status or 0, seconds) after every upstream call."""
+OutcomeHook = Callable[[str, UpstreamError | None], None]
+"""Called with (upstream, None) when a call (batch or proxied) got a valid status, or (upstream, error)
+when it ended in one of the gateway's upstream errors: gateway/health.py sorts out the kinds."""
 
 _SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
@@ -112,11 +116,13 @@ class UpstreamPool:
     """One keep-alive ClientSession per upstream, plus its concurrency bound for batch calls."""
 
     def __init__(
-        self, config: GatewayConfig, *, max_response_bytes: int, observe: Observer | None = None
+        self, config: GatewayConfig, *, max_response_bytes: int, observe: Observer | None = None,
+        on_outcome: OutcomeHook | None = None,
     ) -> None:
         self._config = config
         self._max_response_bytes = max_response_bytes
         self._observe = observe
+        self._on_outcome = on_outcome
         self._sessions: dict[str, aiohttp.ClientSession] = {}
         self._slots = {name: FairSlots(up.concurrency) for name, up in config.upstreams.items()}
         self._connections = {
@@ -125,9 +131,21 @@ class UpstreamPool:
         """One permit per pooled connection: a call waits at most `timeouts.pool` for one."""
 
     async def start(self) -> None:
+        opening = {n: up for n, up in self._config.upstreams.items() if n not in self._sessions}
+        # an SSLContext per https upstream; loading CA files and the system store blocks: a thread
+        contexts = await asyncio.to_thread(
+            lambda: {name: upstream_context(up) for name, up in opening.items()}
+        )
         for name, upstream in self._config.upstreams.items():
+            if name in self._sessions:  # kept from the pool before a reload
+                continue
+            if upstream.tls is not None and not upstream.tls.verify:
+                log.warning("upstream_tls_unverified", upstream=name,
+                            detail="tls.verify is false: any certificate is accepted (for testing only)")
+            context = contexts[name]
             connector = aiohttp.TCPConnector(
-                limit=upstream.pool_size, limit_per_host=upstream.pool_size, keepalive_timeout=30
+                limit=upstream.pool_size, limit_per_host=upstream.pool_size, keepalive_timeout=30,
+                ssl=True if context is None else context,
             )
             timeout = aiohttp.ClientTimeout(
                 total=upstream.timeouts.total, sock_connect=upstream.timeouts.connect
@@ -140,6 +158,26 @@ class UpstreamPool:
                 skip_auto_headers=_SKIP_AUTO_HEADERS,
                 trust_env=False,
             )
+
+    def reconfigured(self, config: GatewayConfig) -> UpstreamPool:
+        """The pool for a reloaded config: an unchanged upstream keeps its session, slots and
+        connection permits (no reconnect storm); changed and new ones get fresh ones on start()."""
+        pool = UpstreamPool(
+            config, max_response_bytes=config.batch.limits.max_response_bytes, observe=self._observe
+        )
+        for name, upstream in config.upstreams.items():
+            if name in self._sessions and self._config.upstreams.get(name) == upstream:
+                pool._sessions[name] = self._sessions[name]
+                pool._slots[name] = self._slots[name]
+                pool._connections[name] = self._connections[name]
+        return pool
+
+    async def close_unshared(self, successor: UpstreamPool) -> None:
+        """Close the sessions `successor` did not take over (after a reload, once idle)."""
+        for name, session in list(self._sessions.items()):
+            if successor._sessions.get(name) is not session:
+                await session.close()
+            del self._sessions[name]
 
     async def close(self) -> None:
         for session in self._sessions.values():
@@ -184,9 +222,10 @@ class UpstreamPool:
         status = 0
         try:
             async with self.connection(call.upstream):
-                with translate_errors(call.upstream):
+                with self._reporting(call.upstream), translate_errors(call.upstream):
                     async with self._request(call) as response:
                         check_status(call.upstream, response.status)
+                        self._answered(call.upstream)
                         body = await self._read_capped(call.upstream, response, budget)
                         status = response.status
                         return SubResponse(
@@ -198,6 +237,26 @@ class UpstreamPool:
         finally:
             if self._observe is not None:
                 self._observe(call.upstream, status, time.perf_counter() - started)
+
+    @contextmanager
+    def _reporting(self, upstream: str, client_body: bool = False) -> Iterator[None]:
+        """Tell `on_outcome` about a call that ended in an upstream error (busy pools are not).
+
+        With a streamed `client_body`, a plain TimeoutError is that body stalling
+        (proxy.body_idle_timeout; aiohttp passes it on as is, while the upstream's own timeouts
+        are ServerTimeoutErrors): the client's fault, not reported.
+        """
+        try:
+            yield
+        except UpstreamError as exc:
+            stalled = client_body and type(exc.__cause__) is TimeoutError
+            if self._on_outcome is not None and not stalled:
+                self._on_outcome(upstream, exc)
+            raise
+
+    def _answered(self, upstream: str) -> None:
+        if self._on_outcome is not None:
+            self._on_outcome(upstream, None)
 
     def _request(self, call: UpstreamCall) -> Any:
         kwargs: dict[str, Any] = {}
@@ -212,6 +271,7 @@ class UpstreamPool:
             headers=list(call.headers),
             data=call.body,
             allow_redirects=False,
+            server_hostname=server_name(self._config.upstreams[call.upstream]),
             **kwargs,
         )
 
@@ -256,15 +316,17 @@ class UpstreamPool:
         Streams have no total deadline: `timeouts.total` bounds each read instead. The pool
         connection is held until the caller is done with the response.
         """
+        streamed = data is not None and not isinstance(data, bytes)
         async with self.connection(upstream):
-            with translate_errors(upstream):
+            with self._reporting(upstream, streamed), translate_errors(upstream):
                 timeouts = self._config.upstreams[upstream].timeouts
                 timeout = aiohttp.ClientTimeout(
                     total=None, sock_connect=timeouts.connect, sock_read=timeouts.total
                 )
                 async with self._sessions[upstream].request(
                     method, url, headers=list(headers), data=data, allow_redirects=False,
-                    timeout=timeout,
+                    timeout=timeout, server_hostname=server_name(self._config.upstreams[upstream]),
                 ) as response:
                     check_status(upstream, response.status)
+                    self._answered(upstream)
                     yield response

@@ -1,13 +1,11 @@
 """`listen.workers: N`: a supervisor recovers once, then N processes serve one port (SO_REUSEPORT).
 
-SIGTERM stops them all cleanly; a worker that dies on its own makes the supervisor stop the rest
-and exit 1, so the orchestrator restarts the gateway (and start-up recovery runs).
+SIGTERM stops them all cleanly. (A worker that dies is replaced: tests/test_operations.py.)
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -50,14 +48,3 @@ async def test_two_workers_serve_one_port_and_stop_on_sigterm(
     process.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(process.wait(), 20) == 0
     assert not any(worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE for worker in workers)
-
-
-async def test_a_worker_that_dies_stops_the_gateway_with_exit_code_1(
-    legacy: TestServer, ledger: TestServer, tmp_path: Path
-) -> None:
-    process, _ = await start_gateway(config_with_workers(legacy, ledger, tmp_path), tmp_path)
-    workers = await wait_for_workers(process.pid, 2)
-    os.kill(workers[0].pid, signal.SIGKILL)
-    assert await asyncio.wait_for(process.wait(), 20) == 1
-    await asyncio.sleep(0.2)
-    assert not workers[1].is_running() or workers[1].status() == psutil.STATUS_ZOMBIE

@@ -82,8 +82,11 @@ class AtomicRun:
         self, *, batch_id: str, plan: BatchPlan, steps: dict[int, AtomicStep],
         config: GatewayConfig, routes: RouteTable, pool: UpstreamPool, journal: Journal,
         metrics: GatewayMetrics, deadline: Deadline, budget: ByteBudget | None = None,
+        owner: str | None = None,
     ) -> None:
         self.batch_id, self.plan, self.steps = batch_id, plan, steps
+        self.owner = owner
+        """Journal.owner_of(the outer Authorization): who may look the batch up (None: nobody)."""
         self._budget_bytes = budget
         self._config, self._routes, self._pool = config, routes, pool
         self._journal, self._metrics, self._deadline = journal, metrics, deadline
@@ -121,7 +124,7 @@ class AtomicRun:
         """Raises JournalUnavailable (503) only before any call was made."""
         await self._journal.batch_state(
             self.batch_id, BatchState.PLANNED, f"{len(self.plan.calls)} calls",
-            headers=[list(pair) for pair in self.plan.base_headers],
+            headers=[list(pair) for pair in self.plan.base_headers], owner=self.owner,
         )
         self.machine.to(BatchState.RUNNING)
         await self._journal.batch_state(self.batch_id, BatchState.RUNNING)

@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import json
 import os
 import signal
@@ -14,6 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from secrets import token_hex
 from typing import Any, Protocol
 
 import aiosqlite
@@ -39,9 +42,18 @@ CREATE TABLE IF NOT EXISTS steps (
     updated REAL NOT NULL, PRIMARY KEY (batch_id, position));
 CREATE TABLE IF NOT EXISTS secrets (
     batch_id TEXT NOT NULL, ref TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (batch_id, ref));
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
-_ADDED_COLUMNS = {"batches": (("headers", "TEXT"), ("resolution", "TEXT"))}
+_ADDED_COLUMNS = {"batches": (("headers", "TEXT"), ("resolution", "TEXT"), ("instance", "TEXT"),
+                              ("owner", "TEXT"))}
 """Columns added after the first release: created on open when an older journal lacks them."""
+
+INSTANCE_VARIABLE = "GATEWAY_INSTANCE"
+"""Set by the supervisor for each worker: the journal tags that worker's batches with it, so the
+batches of a worker that died can be recovered while the other workers keep running theirs."""
+
+_OWNER_KEY = "owner_key"
+"""The `meta` row holding the journal's random HMAC key for batch owners (when no journal key is set)."""
 
 OPERATOR_STATES = (BatchState.ROLLBACK_INCOMPLETE,)
 """Final states that still need an operator (unless resolved)."""
@@ -84,6 +96,35 @@ class JournaledBatch:
 
 
 @dataclass(frozen=True, slots=True)
+class StepStatus:
+    """What a batch lookup may show of one journaled call: no URL, query, headers or bodies."""
+
+    position: int
+    where: str | None
+    method: str | None
+    path: str | None
+    """Relative to the upstream's base URL, without the query."""
+    upstream: str | None
+    state: str
+    status: int | None
+    """The HTTP status of the journaled outcome, if any."""
+    undo_state: str | None
+    undo_detail: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class BatchStatus:
+    """A batch as its owner may look it up (`Journal.lookup`): states and details, nothing secret."""
+
+    batch_id: str
+    state: BatchState
+    detail: str | None
+    steps: tuple[StepStatus, ...]
+    transactions: tuple[tuple[str, str], ...]
+    """(upstream, state) of each transactional upstream, without tokens or headers."""
+
+
+@dataclass(frozen=True, slots=True)
 class BatchSummary:
     """One line of `gateway batches list`."""
 
@@ -105,8 +146,10 @@ class Journal(Protocol):
     async def close(self) -> None: ...
     async def batch_state(
         self, batch_id: str, state: BatchState, detail: str | None = None,
-        headers: Sequence[Sequence[str]] | None = None,
+        headers: Sequence[Sequence[str]] | None = None, owner: str | None = None,
     ) -> None: ...
+    def owner_of(self, credentials: Sequence[str]) -> str | None: ...
+    async def lookup(self, batch_id: str, owner: str | None) -> BatchStatus | None: ...
     async def tx_state(
         self,
         batch_id: str,
@@ -120,12 +163,13 @@ class Journal(Protocol):
         self, batch_id: str, position: int, state: str, outcome: dict[str, Any] | None, seq: int
     ) -> None: ...
     async def step_undo(self, batch_id: str, position: int, undo_state: str, detail: str | None) -> None: ...
-    async def unfinished_ids(self) -> list[str]: ...
+    async def unfinished_ids(self, instance: str | None = None) -> list[str]: ...
     async def unfinished(self) -> list[JournaledBatch]: ...
     async def batch(self, batch_id: str, *, reveal: bool = True) -> JournaledBatch | None: ...
     async def summaries(self, *, everything: bool = False, limit: int = 1000) -> list[BatchSummary]: ...
     async def resolve(self, batch_id: str, note: str) -> None: ...
     async def prune(self, older_than_seconds: float) -> int: ...
+    async def ping(self) -> None: ...
 
 
 class CrashPoint:
@@ -179,11 +223,17 @@ class SqliteJournal:
     and the WAL truncated) as soon as the batch is final.
     """
 
-    def __init__(self, path: str | Path, sealer: HeaderSealer | None = None) -> None:
+    def __init__(
+        self, path: str | Path, sealer: HeaderSealer | None = None, *, key: bytes | None = None
+    ) -> None:
         self._path = str(path)
+        self._key = key
+        """The journal encryption key, if configured: batch owners are keyed with it."""
+        self._owner_key: bytes | None = None
         self._db: aiosqlite.Connection | None = None
         self.sealer = sealer or HeaderSealer(DEFAULT_SENSITIVE_HEADERS)
         self._crash_point = CrashPoint.from_environment()
+        self.instance = os.environ.get(INSTANCE_VARIABLE) or None
 
     async def open(self) -> None:
         try:
@@ -199,8 +249,24 @@ class SqliteJournal:
             await self._db.executescript(_SCHEMA)
             await self._add_columns()
             await self._db.commit()
+            self._owner_key = await self._load_owner_key()
         except (sqlite3.Error, OSError) as exc:
             raise JournalUnavailable(f"cannot open the journal {self._path!r}: {exc}") from None
+
+    async def _load_owner_key(self) -> bytes:
+        """The HMAC key of batch owners: derived from the journal key when one is configured, else
+        a random secret created once per journal file and kept in `meta` (workers share it)."""
+        if self._key is not None:
+            return hmac.new(self._key, b"gateway batch owner", hashlib.sha256).digest()
+        select = "SELECT value FROM meta WHERE name=?"
+        rows = list(await (await self._conn.execute(select, (_OWNER_KEY,))).fetchall())
+        if not rows:  # INSERT OR IGNORE: a worker opening the file at the same time may win
+            await self._conn.execute(
+                "INSERT OR IGNORE INTO meta (name, value) VALUES (?,?)", (_OWNER_KEY, token_hex(32))
+            )
+            await self._conn.commit()
+            rows = list(await (await self._conn.execute(select, (_OWNER_KEY,))).fetchall())
+        return bytes.fromhex(rows[0][0])
 
     async def _add_columns(self) -> None:
         for table, columns in _ADDED_COLUMNS.items():
@@ -254,16 +320,17 @@ class SqliteJournal:
 
     async def batch_state(
         self, batch_id: str, state: BatchState, detail: str | None = None,
-        headers: Sequence[Sequence[str]] | None = None,
+        headers: Sequence[Sequence[str]] | None = None, owner: str | None = None,
     ) -> None:
+        """`owner` (from `owner_of`) is kept from the batch's first write; later ones cannot change it."""
         now = time.time()
         stored, secrets = self._seal(batch_id, headers)
         await self._write(
-            "INSERT INTO batches (batch_id, state, detail, created, updated, headers) "
-            "VALUES (?,?,?,?,?,?) ON CONFLICT(batch_id) DO UPDATE SET state=excluded.state, "
+            "INSERT INTO batches (batch_id, state, detail, created, updated, headers, instance, owner) "
+            "VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(batch_id) DO UPDATE SET state=excluded.state, "
             "detail=COALESCE(excluded.detail, detail), updated=excluded.updated, "
             "headers=COALESCE(excluded.headers, headers)",
-            (batch_id, state.value, detail, now, now, _dump(stored)),
+            (batch_id, state.value, detail, now, now, _dump(stored), self.instance, owner),
             batch_id, secrets,
         )
         if state in SETTLED_STATES:
@@ -321,6 +388,44 @@ class SqliteJournal:
             batch_id,
         )
 
+    def owner_of(self, credentials: Sequence[str]) -> str | None:
+        """HMAC-SHA256 (hex) of the `Authorization` value(s) a batch was sent with, under the
+        journal's owner key; None without credentials (such a batch cannot be looked up)."""
+        if self._owner_key is None:
+            raise JournalUnavailable("the journal is not open")
+        values = [value.strip() for value in credentials]
+        if not any(values):
+            return None
+        message = "\n".join(values).encode("utf-8", "surrogatepass")
+        return hmac.new(self._owner_key, message, hashlib.sha256).hexdigest()
+
+    async def lookup(self, batch_id: str, owner: str | None) -> BatchStatus | None:
+        """The batch's states if `owner` is the one it was sent with; None when it is unknown,
+        pruned, another owner's, or was sent without credentials (never told apart). Reads no
+        secret, header or body."""
+        rows = await self._read("SELECT state, detail, owner FROM batches WHERE batch_id=?", (batch_id,))
+        recorded = rows[0][2] if rows else None
+        same = hmac.compare_digest(str(recorded or "-"), owner or "")  # compared for unknown ids too
+        if not rows or recorded is None or owner is None or not same:
+            return None
+        steps = await self._read(
+            "SELECT position, json_extract(intent, '$.where'), json_extract(intent, '$.method'), "
+            "json_extract(intent, '$.path'), json_extract(intent, '$.upstream'), state, "
+            "json_extract(outcome, '$.status'), undo_state, undo_detail "
+            "FROM steps WHERE batch_id=? ORDER BY position",
+            (batch_id,),
+        )
+        transactions = await self._read(
+            "SELECT upstream, state FROM transactions WHERE batch_id=? ORDER BY upstream", (batch_id,)
+        )
+        return BatchStatus(
+            batch_id=batch_id,
+            state=BatchState(rows[0][0]),
+            detail=rows[0][1],
+            steps=tuple(StepStatus(*row) for row in steps),
+            transactions=tuple((row[0], row[1]) for row in transactions),
+        )
+
     async def resolve(self, batch_id: str, note: str) -> None:
         """An operator marks a batch dealt with: state `resolved`, the note kept, secrets erased."""
         changed = await self._write(
@@ -331,6 +436,10 @@ class SqliteJournal:
         if changed:
             await self._erase_secrets(batch_id)
 
+    async def ping(self) -> None:
+        """A cheap real read (schema and the batches table) for /readyz; JournalUnavailable if not."""
+        await self._read("SELECT 1 FROM batches LIMIT 1", ())
+
     async def _read(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
         try:
             cursor = await self._conn.execute(sql, params)
@@ -338,11 +447,14 @@ class SqliteJournal:
         except (sqlite3.Error, OSError) as exc:
             raise JournalUnavailable(f"the journal could not be read: {exc}") from None
 
-    async def unfinished_ids(self) -> list[str]:
+    async def unfinished_ids(self, instance: str | None = None) -> list[str]:
+        """Batches not in a final state; with `instance`, only those that worker journaled."""
         finals = tuple(state.value for state in FINAL_STATES)
         marks = ",".join("?" for _ in finals)
+        mine = "" if instance is None else " AND instance = ?"
+        params = finals if instance is None else (*finals, instance)
         rows = await self._read(
-            f"SELECT batch_id FROM batches WHERE state NOT IN ({marks}) ORDER BY created", finals
+            f"SELECT batch_id FROM batches WHERE state NOT IN ({marks}){mine} ORDER BY created", params
         )
         return [row[0] for row in rows]
 
@@ -453,4 +565,4 @@ def open_journal(config: GatewayConfig, config_file: str = "<config>") -> Sqlite
     Raises ConfigError when a configured key cannot be read.
     """
     key = load_key(config.journal.key_env, config.journal.key_file, config_file)
-    return SqliteJournal(config.journal.path, HeaderSealer(config.journal.sensitive, key))
+    return SqliteJournal(config.journal.path, HeaderSealer(config.journal.sensitive, key), key=key)

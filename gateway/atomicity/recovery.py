@@ -53,11 +53,12 @@ class Recovery:
     ) -> None:
         self._config, self._routes, self._pool, self._journal = config, routes, pool, journal
 
-    async def run(self) -> RecoveryReport:
-        """Recover every unfinished batch; never raises because of what a batch record holds."""
+    async def run(self, instance: str | None = None) -> RecoveryReport:
+        """Recover every unfinished batch (or those of one worker `instance`); never raises
+        because of what a batch record holds."""
         report = RecoveryReport()
         try:
-            batch_ids = await self._journal.unfinished_ids()
+            batch_ids = await self._journal.unfinished_ids(instance)
         except JournalUnavailable as exc:
             log.error("recovery_journal_unreadable", detail=exc.detail)
             report.needs_operator["*"] = f"the journal could not be read: {exc.detail}"
@@ -292,7 +293,9 @@ def _undo_order(step: JournaledStep) -> tuple[int, int]:
     return (0, 0) if step.seq is None else (1, -step.seq)
 
 
-async def with_recovery(config: GatewayConfig, batch_ids: list[str] | None = None) -> RecoveryReport:
+async def with_recovery(
+    config: GatewayConfig, batch_ids: list[str] | None = None, *, instance: str | None = None
+) -> RecoveryReport:
     """`gateway recover` and `gateway batches retry`: open journal and pool, recover, close.
 
     With `batch_ids`, only those batches (rollback_incomplete ones included) are retried.
@@ -304,7 +307,7 @@ async def with_recovery(config: GatewayConfig, batch_ids: list[str] | None = Non
     try:
         recovery = Recovery(config, RouteTable(config), pool, journal)
         if batch_ids is None:
-            return await recovery.run()
+            return await recovery.run(instance)
         report = RecoveryReport()
         for batch_id in batch_ids:
             await recovery.recover(batch_id, report, retry=True)

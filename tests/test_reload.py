@@ -1,0 +1,152 @@
+"""Reloading the config (issue 12 part 1): SIGHUP (or a watched file) switches new requests to the new
+config at once; requests and batches in flight finish on the old one; unchanged upstreams keep their
+pools; an invalid file changes nothing and is logged and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+import pytest
+import yaml
+from aiohttp.test_utils import TestServer
+
+from gateway.demo.launcher import demo_config_data
+from gateway.reload import reload_config
+from gateway.runtime import GATEWAY, GATEWAY_REF
+from tests.conftest import MakeGateway, state_of
+from tests.test_shutdown import free_port
+from tests.test_shutdown import start_gateway as _start_gateway
+
+_started: list[asyncio.subprocess.Process] = []
+
+
+async def start_gateway(config: dict[str, Any], tmp_path: Path) -> tuple[asyncio.subprocess.Process, str]:
+    """tests.test_shutdown.start_gateway, remembered so a failing test never leaves it running."""
+    process, base = await _start_gateway(config, tmp_path)
+    _started.append(process)
+    return process, base
+
+
+@pytest.fixture(autouse=True)
+def _kill_leftovers() -> Any:
+    yield
+    while _started:
+        process = _started.pop()
+        if process.returncode is None:
+            with contextlib.suppress(psutil.Error, ProcessLookupError):
+                for child in psutil.Process(process.pid).children(recursive=True):
+                    child.kill()
+                process.kill()
+
+
+
+def config_data(
+    legacy: TestServer, ledger: TestServer, tmp_path: Path, port: int | None = None
+) -> dict[str, Any]:
+    """The demo config; `port` None keeps the in-process gateway's (make_gateway's) listen block."""
+    return demo_config_data(
+        str(legacy.make_url("")).rstrip("/"), str(ledger.make_url("")).rstrip("/"),
+        port=8080 if port is None else port, journal=str(tmp_path / "journal.sqlite3"),
+    )
+
+
+async def test_a_reload_keeps_unchanged_pools_and_pins_requests_in_flight(
+    make_gateway: MakeGateway, legacy: TestServer, ledger: TestServer, tmp_path: Path
+) -> None:
+    client = await make_gateway()
+    app = client.app
+    old = app[GATEWAY_REF].current
+    data = config_data(legacy, ledger, tmp_path)
+    data["routes"].append({"prefix": "/new-route", "upstream": "legacy", "strip_prefix": True})
+    data["upstreams"]["ledger"]["timeouts"] = {"total": 12}  # a changed upstream gets a new pool
+    path = tmp_path / "reloaded.yaml"
+    path.write_text(yaml.safe_dump(data))
+
+    slow = asyncio.ensure_future(client.get("/echo/slow?delay_ms=800"))
+    while not any(c["path"].startswith("/echo/slow") for c in state_of(legacy).calls):
+        await asyncio.sleep(0.02)
+    assert await reload_config(app, str(path))
+    new = app[GATEWAY_REF].current
+
+    assert new is not old and new.config.upstreams["ledger"].timeouts.total == 12
+    assert new.pool._sessions["legacy"] is old.pool._sessions["legacy"]  # no reconnect storm
+    assert new.pool._sessions["ledger"] is not old.pool._sessions["ledger"]
+    async with client.get("/new-route/echo/hello") as response:  # new requests: the new routes
+        assert response.status == 200
+    async with await slow as response:  # the one in flight finished on its own generation
+        assert response.status == 200
+    assert app[GATEWAY] is old  # what the app started with stays reachable for its cleanup
+
+
+async def test_an_invalid_reload_changes_nothing(
+    make_gateway: MakeGateway, legacy: TestServer, ledger: TestServer, tmp_path: Path
+) -> None:
+    client = await make_gateway()
+    app = client.app
+    before = app[GATEWAY_REF].current
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("upstreams: {legacy: {url: not-a-url}}\nroutes: []\n")
+    assert not await reload_config(app, str(bad))
+    data = config_data(legacy, ledger, tmp_path)
+    data["listen"]["port"] += 1
+    moved = tmp_path / "moved.yaml"
+    moved.write_text(yaml.safe_dump(data))
+    assert not await reload_config(app, str(moved))  # the socket can only change with a restart
+    assert app[GATEWAY_REF].current is before
+    async with client.get("/_gateway/metrics") as response:
+        text = await response.text()
+    assert 'gateway_config_reloads_total{result="failed"} 2.0' in text
+    async with client.get("/echo/still") as response:
+        assert response.status == 200
+
+
+@pytest.mark.slow
+async def test_sighup_adds_a_route_while_a_batch_is_in_flight_without_refusing_connections(
+    legacy: TestServer, ledger: TestServer, tmp_path: Path
+) -> None:
+    data = config_data(legacy, ledger, tmp_path, port=free_port())
+    process, base = await start_gateway(data, tmp_path)
+    config_file = tmp_path / "gateway.yaml"
+    batch = {"Batch": {"batch_execution_type": "Serial", "items": [
+        {"SingleItem": {"method": "GET", "operation": "/echo/slow?delay_ms=1500"}},
+        {"SingleItem": {"method": "GET", "operation": "/echo/second"}},
+    ]}}
+    refused = 0
+    async with aiohttp.ClientSession() as session:
+        pending = asyncio.ensure_future(session.post(f"{base}/batch/v1", json=batch))
+        while not any(c["path"].startswith("/echo/slow") for c in state_of(legacy).calls):
+            await asyncio.sleep(0.02)
+        data["routes"].append({"prefix": "/added", "upstream": "legacy", "strip_prefix": True})
+        config_file.write_text(yaml.safe_dump(data))
+        process.send_signal(signal.SIGHUP)
+        ends, added = time.monotonic() + 5, None
+        while time.monotonic() < ends and added != 200:
+            try:
+                async with session.get(f"{base}/added/echo/x") as response:
+                    added = response.status
+            except aiohttp.ClientConnectionError:
+                refused += 1
+            await asyncio.sleep(0.05)
+        async with await pending as response:
+            answer = await response.json()
+        bad = tmp_path / "gateway.yaml"
+        bad.write_text("routes: [oops\n")
+        process.send_signal(signal.SIGHUP)  # an invalid file: logged, and the gateway keeps serving
+        await asyncio.sleep(0.5)
+        async with session.get(f"{base}/added/echo/y") as response:
+            still = response.status
+    process.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(process.wait(), 20) == 0
+    assert added == 200 and refused == 0
+    assert [i["SingleItem"]["Result"]["status"] for i in answer["Batch"]["items"]] == [200, 200]
+    assert still == 200
+    log = (tmp_path / "gateway.log").read_text()
+    assert '"event": "config_reloaded"' in log and '"event": "reload_failed"' in log
