@@ -132,7 +132,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     request[KIND] = "gateway"
-    report = await readiness(request.app[GATEWAY])  # the policy is in gateway/health.py
+    report = await readiness(gateway_of(request))  # the policy is in gateway/health.py
     return web.json_response(report, status=200 if report["ready"] else 503)
 
 

@@ -36,6 +36,7 @@ from gateway.errors import ConfigError, JournalUnavailable
 from gateway.log import configure_logging
 from gateway.reload import reload_config, watch_file
 from gateway.runtime import GATEWAY, GATEWAY_REF
+from gateway.tls import listener_context
 
 EXIT_CONFIG = 2
 log = structlog.get_logger("gateway")
@@ -242,9 +243,10 @@ async def serve(
         on_protocol_error=lambda status: metrics.requests.labels("protocol_error", str(status)).inc(),
     )
     guard.install(runner.server)
+    tls = listener_context(config)
     site = web.TCPSite(
         runner, config.listen.host, config.listen.port, reuse_port=reuse_port or None,
-        backlog=guard.backlog,
+        backlog=guard.backlog, ssl_context=tls,
     )
     await site.start()
     log.info("listening", host=config.listen.host, port=config.listen.port,
@@ -259,7 +261,7 @@ async def serve(
         if config_path is None:
             log.warning("reload_unavailable", detail="no config file to reload (the demo)")
             return
-        task = asyncio.create_task(reload_config(app, config_path))
+        task = asyncio.create_task(_reload(app, config_path, tls))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
@@ -285,6 +287,18 @@ async def serve(
                 task.cancel()
         await runner.cleanup()
     log.info("stopped")
+
+
+async def _reload(app: web.Application, path: str, tls: ssl.SSLContext | None) -> None:
+    """Reload the config; on success also load the listener's (renewed) certificate and key."""
+    if await reload_config(app, path) and tls is not None:
+        listen_tls = app[GATEWAY_REF].current.config.listen.tls
+        if listen_tls is not None:
+            try:
+                tls.load_cert_chain(listen_tls.cert_file, listen_tls.key_file)
+                log.info("listener_certificate_reloaded", cert_file=listen_tls.cert_file)
+            except (OSError, ssl.SSLError) as exc:
+                log.error("listener_certificate_reload_failed", detail=str(exc))
 
 
 async def _stop_when_orphaned(stop: asyncio.Event) -> None:

@@ -19,6 +19,7 @@ from gateway.batch_service import BatchService
 from gateway.config import GatewayConfig, load_config
 from gateway.errors import ConfigError
 from gateway.headers import TrustedProxies
+from gateway.health import UpstreamHealth, health_of
 from gateway.routing import RouteTable
 from gateway.runtime import GATEWAY_REF, Gateway
 
@@ -56,13 +57,18 @@ async def reload_config(app: web.Application, path: str) -> bool:
 
 async def _next_generation(old: Gateway, config: GatewayConfig) -> Gateway:
     routes = RouteTable(config)
-    pool = old.pool.reconfigured(config)
+    health = UpstreamHealth(config, old.metrics)  # the upstream set (and health settings) changed
+    pool = old.pool.reconfigured(
+        config, observe=health.observer(old.metrics.observe_upstream), on_outcome=health.record
+    )
     await pool.start()
     batches = BatchService(config, routes, pool, old.metrics, journal=old.batches.journal)
     batches.adopt(old.batches)
+    await health_of(old).stop()
+    health.start(pool, routes)
     return Gateway(
         config=config, routes=routes, pool=pool, metrics=old.metrics, batches=batches,
-        extras=old.extras, trusted_proxies=TrustedProxies(config.trusted_proxies),
+        extras={**old.extras, "health": health}, trusted_proxies=TrustedProxies(config.trusted_proxies),
     )
 
 

@@ -159,11 +159,15 @@ class UpstreamPool:
                 trust_env=False,
             )
 
-    def reconfigured(self, config: GatewayConfig) -> UpstreamPool:
+    def reconfigured(
+        self, config: GatewayConfig, *, observe: Observer | None = None,
+        on_outcome: OutcomeHook | None = None,
+    ) -> UpstreamPool:
         """The pool for a reloaded config: an unchanged upstream keeps its session, slots and
         connection permits (no reconnect storm); changed and new ones get fresh ones on start()."""
         pool = UpstreamPool(
-            config, max_response_bytes=config.batch.limits.max_response_bytes, observe=self._observe
+            config, max_response_bytes=config.batch.limits.max_response_bytes,
+            observe=observe or self._observe, on_outcome=on_outcome or self._on_outcome,
         )
         for name, upstream in config.upstreams.items():
             if name in self._sessions and self._config.upstreams.get(name) == upstream:
