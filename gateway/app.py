@@ -18,7 +18,7 @@ from aiohttp import HttpVersion, HttpVersion10, HttpVersion11, web
 
 from gateway.atomicity.recovery import Recovery
 from gateway.batch_endpoints import add_batch_routes
-from gateway.batch_lookup import batch_lookup
+from gateway.batch_lookup import batch_lookup, batch_lookup_by_request
 from gateway.batch_service import BatchService
 from gateway.config import GatewayConfig
 from gateway.errors import BadHttp, ClientError, GatewayError, UnsupportedVersion
@@ -231,6 +231,7 @@ def create_app(config: GatewayConfig, *, recover: bool = True) -> web.Applicatio
     app.router.add_get(f"{prefix}/metrics", metrics)
     app.router.add_get(f"{prefix}/openapi.json", openapi)
     app.router.add_get(f"{prefix}/batches/{{batch_id}}", batch_lookup)
+    app.router.add_get(f"{prefix}/batches", batch_lookup_by_request)
     add_batch_routes(app, config)
     app.router.add_route("*", "/{tail:.*}", proxy_handler)
     _warn_reserved(config)

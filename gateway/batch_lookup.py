@@ -67,6 +67,23 @@ async def batch_lookup(request: web.Request) -> web.Response:
     return response
 
 
+async def batch_lookup_by_request(request: web.Request) -> web.Response:
+    """`GET {prefix}/batches?request_id=X`: the batch the caller sent with `X-Request-ID: X`
+    (same credentials), for a client that lost the answer and so the batch id; same 404 otherwise."""
+    request[KIND] = "batch_lookup"
+    journal = gateway_of(request).batches.journal
+    owner = journal.owner_of(request.headers.getall("Authorization", []))
+    wanted = request.query.get("request_id", "")
+    batch_id = await journal.batch_id_for(wanted, owner) if 0 < len(wanted) <= 128 else None
+    status = None if batch_id is None else await journal.lookup(batch_id, owner)
+    if status is None:
+        raise BatchNotFound(NOT_FOUND)
+    response = web.json_response(describe(status))
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["Vary"] = "Authorization"
+    return response
+
+
 def describe(batch: BatchStatus) -> dict[str, Any]:
     """The lookup answer: states, paths and details only (no URLs, queries, headers, bodies, tokens)."""
     return {

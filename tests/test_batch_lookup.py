@@ -323,3 +323,29 @@ async def test_the_owner_key_is_kept_across_restarts_and_the_first_owner_stays(t
         assert await again.lookup("nope", owner) is None
     finally:
         await again.close()
+
+
+async def test_a_client_that_never_got_the_batch_id_finds_its_batch_by_its_own_request_id(
+    make_gateway: MakeGateway, legacy: TestServer, ledger: TestServer
+) -> None:
+    """A client whose connection dropped before the answer knows its X-Request-ID, not the batch
+    id: `GET {prefix}/batches?request_id=...` finds the batch, for the same credentials only."""
+    seed(legacy, ledger)
+    client = await make_gateway(FAST_ROLLBACK)
+    auth = credentials()
+    request_id = "client-chosen-" + secrets.token_hex(4)
+    calls = (Call("legacy", "POST", "/orders", {"item": "new"}),)
+    async with client.post("/batch/v1", json=json_document(calls, "Serial", {}),
+                           headers={**ATOMIC, **auth, "X-Request-ID": request_id}) as response:
+        batch_id = (await response.json())["batch_id"]
+
+    async with client.get("/_gateway/batches", params={"request_id": request_id}, headers=auth) as response:
+        found = await response.json()
+        assert response.status == 200
+    assert found["batch_id"] == batch_id and found["state"] == "committed"
+    for other in (credentials(), {}):
+        async with client.get("/_gateway/batches", params={"request_id": request_id},
+                              headers=other) as response:
+            assert response.status == 404
+    async with client.get("/_gateway/batches", params={"request_id": "never-sent"}, headers=auth) as response:
+        assert response.status == 404

@@ -125,6 +125,7 @@ class AtomicRun:
         await self._journal.batch_state(
             self.batch_id, BatchState.PLANNED, f"{len(self.plan.calls)} calls",
             headers=[list(pair) for pair in self.plan.base_headers], owner=self.owner,
+            request_id=next((v for k, v in self.plan.base_headers if k.lower() == "x-request-id"), None),
         )
         self.machine.to(BatchState.RUNNING)
         await self._journal.batch_state(self.batch_id, BatchState.RUNNING)

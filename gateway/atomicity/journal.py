@@ -45,7 +45,7 @@ CREATE TABLE IF NOT EXISTS secrets (
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 _ADDED_COLUMNS = {"batches": (("headers", "TEXT"), ("resolution", "TEXT"), ("instance", "TEXT"),
-                              ("owner", "TEXT"))}
+                              ("owner", "TEXT"), ("request_id", "TEXT"))}
 """Columns added after the first release: created on open when an older journal lacks them."""
 
 INSTANCE_VARIABLE = "GATEWAY_INSTANCE"
@@ -147,9 +147,11 @@ class Journal(Protocol):
     async def batch_state(
         self, batch_id: str, state: BatchState, detail: str | None = None,
         headers: Sequence[Sequence[str]] | None = None, owner: str | None = None,
+        request_id: str | None = None,
     ) -> None: ...
     def owner_of(self, credentials: Sequence[str]) -> str | None: ...
     async def lookup(self, batch_id: str, owner: str | None) -> BatchStatus | None: ...
+    async def batch_id_for(self, request_id: str, owner: str | None) -> str | None: ...
     async def tx_state(
         self,
         batch_id: str,
@@ -321,16 +323,18 @@ class SqliteJournal:
     async def batch_state(
         self, batch_id: str, state: BatchState, detail: str | None = None,
         headers: Sequence[Sequence[str]] | None = None, owner: str | None = None,
+        request_id: str | None = None,
     ) -> None:
-        """`owner` (from `owner_of`) is kept from the batch's first write; later ones cannot change it."""
+        """`owner` (from `owner_of`) and the client's `request_id` are kept from the batch's first
+        write; later ones cannot change them."""
         now = time.time()
         stored, secrets = self._seal(batch_id, headers)
         await self._write(
-            "INSERT INTO batches (batch_id, state, detail, created, updated, headers, instance, owner) "
-            "VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(batch_id) DO UPDATE SET state=excluded.state, "
-            "detail=COALESCE(excluded.detail, detail), updated=excluded.updated, "
-            "headers=COALESCE(excluded.headers, headers)",
-            (batch_id, state.value, detail, now, now, _dump(stored), self.instance, owner),
+            "INSERT INTO batches (batch_id, state, detail, created, updated, headers, instance, owner, "
+            "request_id) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(batch_id) DO UPDATE SET "
+            "state=excluded.state, detail=COALESCE(excluded.detail, detail), "
+            "updated=excluded.updated, headers=COALESCE(excluded.headers, headers)",
+            (batch_id, state.value, detail, now, now, _dump(stored), self.instance, owner, request_id),
             batch_id, secrets,
         )
         if state in SETTLED_STATES:
@@ -398,6 +402,17 @@ class SqliteJournal:
             return None
         message = "\n".join(values).encode("utf-8", "surrogatepass")
         return hmac.new(self._owner_key, message, hashlib.sha256).hexdigest()
+
+    async def batch_id_for(self, request_id: str, owner: str | None) -> str | None:
+        """The newest batch the same owner sent with this X-Request-ID (a client whose connection
+        dropped knows its own request id, not the batch id); None otherwise."""
+        if owner is None:
+            return None
+        rows = await self._read(
+            "SELECT batch_id, owner FROM batches WHERE request_id=? ORDER BY created DESC LIMIT 20",
+            (request_id,),
+        )
+        return next((row[0] for row in rows if hmac.compare_digest(str(row[1] or "-"), owner)), None)
 
     async def lookup(self, batch_id: str, owner: str | None) -> BatchStatus | None:
         """The batch's states if `owner` is the one it was sent with; None when it is unknown,
