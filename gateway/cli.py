@@ -229,10 +229,16 @@ async def serve(
     shutdown (in-flight requests, atomic batches, closing pools and journal) ends within
     `shutdown_grace`: one deadline, not one per stage.
     """
+    stop = asyncio.Event()  # handlers first: a SIGTERM during start-up stops cleanly
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: log.info("reload_ignored", detail="still starting"))
     app = create_app(config, recover=recover)
     gateway = app[GATEWAY]
     runner = web.AppRunner(  # the graceful wait is ours (below); aiohttp only cuts what is left
-        app, access_log=None, shutdown_timeout=_CUT_OFF, keepalive_timeout=config.listen.keepalive_timeout,
+        app, access_log=None, shutdown_timeout=_CUT_OFF,
+        keepalive_timeout=config.listen.keepalive_timeout,
     )
     await runner.setup()
     assert runner.server is not None
@@ -251,10 +257,6 @@ async def serve(
     await site.start()
     log.info("listening", host=config.listen.host, port=config.listen.port,
              max_connections=guard.max_connections, backlog=guard.backlog)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     tasks: set[asyncio.Task[Any]] = set()
 
     def on_hangup() -> None:
@@ -332,7 +334,7 @@ async def _demo(args: argparse.Namespace) -> None:
     from gateway.demo.launcher import demo_config, start_demo_upstreams
 
     created = None if args.journal else tempfile.mkdtemp(prefix="gateway-demo-")
-    journal = args.journal or str(Path(str(created)) / "journal.sqlite3")
+    journal = args.journal if created is None else str(Path(created) / "journal.sqlite3")
     try:
         keys = not args.no_idempotency_keys
         runners, legacy_url, ledger_url = await start_demo_upstreams(

@@ -87,19 +87,45 @@ class _Tracked:
 
 
 class UpstreamHealth:
-    """The health state of every configured upstream, fed by real calls and active checks."""
+    """The health state of every configured upstream, fed by real calls and active checks.
 
-    def __init__(self, config: GatewayConfig, metrics: GatewayMetrics) -> None:
+    After a reload, give the previous generation's tracker as `previous`: what is known of an
+    upstream still reached the same way (same `url` and `tls`) is kept, the rest is forgotten
+    (no gauge sample), and calls still in flight on the old generation report here.
+    """
+
+    def __init__(
+        self, config: GatewayConfig, metrics: GatewayMetrics, previous: UpstreamHealth | None = None
+    ) -> None:
         now = time.time()
         self._upstreams = {name: _Tracked(up.health, now) for name, up in config.upstreams.items()}
+        self._targets = {name: (up.url, up.tls) for name, up in config.upstreams.items()}
         self._metrics = metrics
         self._checks: list[asyncio.Task[None]] = []
         self._journal_ok = True
+        self._successor: UpstreamHealth | None = None
+        if previous is not None:
+            self._take_over(previous)
+
+    def _take_over(self, previous: UpstreamHealth) -> None:
+        for name, old in previous._upstreams.items():
+            tracked = self._upstreams.get(name)
+            if tracked is not None and previous._targets[name] == self._targets[name]:
+                tracked.state, tracked.since, tracked.down_until = old.state, old.since, old.down_until
+                tracked.consecutive, tracked.last_error = old.consecutive, old.last_error
+            elif old.state is not State.UNKNOWN:
+                with contextlib.suppress(KeyError):
+                    self._metrics.upstream_up.remove(name)
+        self._journal_ok = previous._journal_ok
+        previous._successor = self
 
     # --- passive -------------------------------------------------------------------------------
 
     def record(self, upstream: str, error: UpstreamError | None) -> None:
         """The pool's `on_outcome` hook: how one real call ended (None: it got an answer)."""
+        if self._successor is not None:  # a call of a generation a reload replaced
+            self._successor.record(upstream, error)
+            return
         if _IN_CHECK.get() or upstream not in self._upstreams:
             return
         if error is None:
@@ -208,10 +234,13 @@ class UpstreamHealth:
         except UpstreamBusy:
             return  # every pooled connection is in use: no verdict on the upstream
         except UpstreamError as exc:
-            self.failed(call.upstream, failure_kind(exc) or "error", f"health check: {exc.detail}")
+            if self._successor is None:
+                self.failed(call.upstream, failure_kind(exc) or "error", f"health check: {exc.detail}")
             return
         finally:
             _IN_CHECK.reset(token)
+        if self._successor is not None:
+            return  # a reload replaced this tracker while the check ran; its own checks decide
         settings = self._upstreams[call.upstream].settings
         if settings.passes(response.status):
             self.succeeded(call.upstream)

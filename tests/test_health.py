@@ -24,6 +24,8 @@ from gateway.config import parse_config
 from gateway.demo.launcher import demo_config_data
 from gateway.demo.services import legacy_app
 from gateway.errors import ConfigError
+from gateway.health import UpstreamHealth
+from gateway.metrics import GatewayMetrics
 from gateway.runtime import GATEWAY
 from tests.conftest import deep_merge
 from tests.test_limits_proxy import open_raw, request_head
@@ -349,6 +351,41 @@ async def test_readyz_is_503_until_start_up_recovery_finished(make_client: MakeC
     status, body = await readyz(client)
     assert status == 503
     assert body["recovered"] is False and body["reasons"] == ["start-up recovery has not finished"]
+
+
+def gauge_of(metrics: GatewayMetrics) -> dict[str, float]:
+    return {
+        sample.labels["upstream"]: sample.value
+        for family in text_string_to_metric_families(metrics.render().decode())
+        for sample in family.samples
+        if sample.name == "gateway_upstream_up"
+    }
+
+
+def test_a_reload_keeps_what_is_known_of_upstreams_reached_the_same_way(tmp_path: Path) -> None:
+    """reload.py builds the new generation's tracker with `previous=` the old one."""
+    def config(ledger_url: str, extra: dict[str, Any]) -> Any:
+        data = demo_config_data("http://127.0.0.1:9001", ledger_url, journal=str(tmp_path / "j"))
+        data["upstreams"].update(extra)
+        return parse_config(data, "<test>")
+
+    metrics = GatewayMetrics()
+    old = UpstreamHealth(config("http://127.0.0.1:9002", {"gone": {"url": "http://127.0.0.1:9003"}}), metrics)
+    for _ in range(5):
+        old.failed("legacy", "connect", "upstream 'legacy' is unreachable (connection refused)")
+    old.succeeded("ledger")
+    old.succeeded("gone")
+    assert gauge_of(metrics) == {"legacy": 0.0, "ledger": 1.0, "gone": 1.0}
+
+    new = UpstreamHealth(config("http://127.0.0.1:9004", {}), metrics, previous=old)
+    report = new.report()
+    assert set(report) == {"legacy", "ledger"}
+    assert report["legacy"]["state"] == "down" and report["legacy"]["consecutive_failures"] == 5
+    assert report["ledger"]["state"] == "unknown"  # another URL: another server, nothing known
+    assert gauge_of(metrics) == {"legacy": 0.0}
+    old.record("legacy", None)  # a call still in flight on the old generation answered
+    assert new.report()["legacy"]["state"] == "up"
+    assert gauge_of(metrics) == {"legacy": 1.0}
 
 
 # === config =====================================================================================
