@@ -57,7 +57,7 @@ async def reload_config(app: web.Application, path: str) -> bool:
 
 async def _next_generation(old: Gateway, config: GatewayConfig) -> Gateway:
     routes = RouteTable(config)
-    health = UpstreamHealth(config, old.metrics)  # the upstream set (and health settings) changed
+    health = UpstreamHealth(config, old.metrics, previous=health_of(old))  # state kept where unchanged
     pool = old.pool.reconfigured(
         config, observe=health.observer(old.metrics.observe_upstream), on_outcome=health.record
     )
