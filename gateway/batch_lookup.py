@@ -59,12 +59,7 @@ async def batch_lookup(request: web.Request) -> web.Response:
     batch_id = request.match_info["batch_id"]
     owner = journal.owner_of(request.headers.getall("Authorization", []))
     status = await journal.lookup(batch_id, owner) if _BATCH_ID_RE.match(batch_id) else None
-    if status is None:
-        raise BatchNotFound(NOT_FOUND)
-    response = web.json_response(describe(status))
-    response.headers["Cache-Control"] = "no-store"
-    response.headers["Vary"] = "Authorization"
-    return response
+    return _answer(status)
 
 
 async def batch_lookup_by_request(request: web.Request) -> web.Response:
@@ -76,6 +71,11 @@ async def batch_lookup_by_request(request: web.Request) -> web.Response:
     wanted = request.query.get("request_id", "")
     batch_id = await journal.batch_id_for(wanted, owner) if 0 < len(wanted) <= 128 else None
     status = None if batch_id is None else await journal.lookup(batch_id, owner)
+    return _answer(status)
+
+
+def _answer(status: BatchStatus | None) -> web.Response:
+    """The lookup answer, never cached; the same 404 for every reason it is not shown."""
     if status is None:
         raise BatchNotFound(NOT_FOUND)
     response = web.json_response(describe(status))

@@ -5,11 +5,13 @@ Every test talks to the gateway over a real socket (aiohttp_client) and reads up
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -79,3 +81,19 @@ def make_gateway(aiohttp_client: Any, make_config: MakeConfig) -> MakeGateway:
 @pytest.fixture
 async def gateway(make_gateway: MakeGateway) -> TestClient[web.Request, web.Application]:
     return await make_gateway()
+
+
+@pytest.fixture(autouse=True)
+def _no_gateway_left_running() -> Iterator[None]:
+    """A test that fails before stopping the gateway processes it started must not leave them
+    (and their workers) running: they would hold ports and CPU for the rest of the run."""
+    from tests.test_shutdown import STARTED
+
+    yield
+    while STARTED:
+        process = STARTED.pop()
+        if process.returncode is None:
+            with contextlib.suppress(psutil.Error, ProcessLookupError):
+                for child in psutil.Process(process.pid).children(recursive=True):
+                    child.kill()
+                process.kill()

@@ -24,33 +24,10 @@ from gateway.atomicity.state import BatchState
 from gateway.demo.launcher import demo_config_data
 from gateway.demo.services import FaultRule
 from tests.conftest import state_of
-from tests.test_shutdown import free_port
-from tests.test_shutdown import start_gateway as _start_gateway
+from tests.test_shutdown import free_port, start_gateway
 from tests.test_workers import wait_for_workers
 
 pytestmark = pytest.mark.slow
-
-_started: list[asyncio.subprocess.Process] = []
-
-
-async def start_gateway(config: dict[str, Any], tmp_path: Path) -> tuple[asyncio.subprocess.Process, str]:
-    """tests.test_shutdown.start_gateway, remembered so a failing test never leaves it running."""
-    process, base = await _start_gateway(config, tmp_path)
-    _started.append(process)
-    return process, base
-
-
-@pytest.fixture(autouse=True)
-def _kill_leftovers() -> Any:
-    yield
-    while _started:
-        process = _started.pop()
-        if process.returncode is None:
-            with contextlib.suppress(psutil.Error, ProcessLookupError):
-                for child in psutil.Process(process.pid).children(recursive=True):
-                    child.kill()
-                process.kill()
-
 
 
 def config_for(legacy: TestServer, ledger: TestServer, tmp_path: Path, **extra: Any) -> dict[str, Any]:

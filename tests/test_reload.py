@@ -6,14 +6,12 @@ pools; an invalid file changes nothing and is logged and counted.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import psutil
 import pytest
 import yaml
 from aiohttp.test_utils import TestServer
@@ -22,30 +20,7 @@ from gateway.demo.launcher import demo_config_data
 from gateway.reload import reload_config
 from gateway.runtime import GATEWAY, GATEWAY_REF
 from tests.conftest import MakeGateway, state_of
-from tests.test_shutdown import free_port
-from tests.test_shutdown import start_gateway as _start_gateway
-
-_started: list[asyncio.subprocess.Process] = []
-
-
-async def start_gateway(config: dict[str, Any], tmp_path: Path) -> tuple[asyncio.subprocess.Process, str]:
-    """tests.test_shutdown.start_gateway, remembered so a failing test never leaves it running."""
-    process, base = await _start_gateway(config, tmp_path)
-    _started.append(process)
-    return process, base
-
-
-@pytest.fixture(autouse=True)
-def _kill_leftovers() -> Any:
-    yield
-    while _started:
-        process = _started.pop()
-        if process.returncode is None:
-            with contextlib.suppress(psutil.Error, ProcessLookupError):
-                for child in psutil.Process(process.pid).children(recursive=True):
-                    child.kill()
-                process.kill()
-
+from tests.test_shutdown import free_port, start_gateway
 
 
 def config_data(

@@ -27,6 +27,10 @@ def free_port() -> int:
         return port
 
 
+STARTED: list[asyncio.subprocess.Process] = []
+"""Every gateway process start_gateway made; tests/conftest.py kills what a test left running."""
+
+
 async def start_gateway(config: dict[str, Any], tmp_path: Path) -> tuple[asyncio.subprocess.Process, str]:
     path = tmp_path / "gateway.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -35,6 +39,7 @@ async def start_gateway(config: dict[str, Any], tmp_path: Path) -> tuple[asyncio
             sys.executable, "-m", "gateway", "--log-json", "serve", "--config", str(path),
             stdout=log_file, stderr=asyncio.subprocess.STDOUT,
         )
+    STARTED.append(process)
     base = f"http://127.0.0.1:{config['listen']['port']}"
     async with aiohttp.ClientSession() as session:
         for _ in range(100):
