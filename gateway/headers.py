@@ -31,12 +31,11 @@ HOP_BY_HOP = frozenset(
 
 def connection_listed(headers: MultiMapping[str]) -> set[str]:
     """Header names that the Connection header marks hop-by-hop."""
-    values = headers.getall("Connection", [])
-    return {token.strip().lower() for value in values for token in value.split(",") if token.strip()}
+    return listed_in_connection(headers.items())
 
 
 def listed_in_connection(pairs: Iterable[tuple[str, str]]) -> set[str]:
-    """connection_listed() for plain header pairs."""
+    """Header names that the Connection header(s) among plain header pairs mark hop-by-hop."""
     return {
         token.strip().lower()
         for name, value in pairs if name.lower() == "connection"

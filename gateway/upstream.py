@@ -136,9 +136,7 @@ class UpstreamPool:
         contexts = await asyncio.to_thread(
             lambda: {name: upstream_context(up) for name, up in opening.items()}
         )
-        for name, upstream in self._config.upstreams.items():
-            if name in self._sessions:  # kept from the pool before a reload
-                continue
+        for name, upstream in opening.items():  # the others were kept from the pool before a reload
             if upstream.tls is not None and not upstream.tls.verify:
                 log.warning("upstream_tls_unverified", upstream=name,
                             detail="tls.verify is false: any certificate is accepted (for testing only)")
@@ -296,20 +294,15 @@ class UpstreamPool:
                 if budget is not None:
                     budget.take(len(chunk))
                 body.extend(chunk)
-        except BudgetExceeded as exc:
-            self._give_back(budget, len(body))
-            raise UpstreamError(
-                f"the answer of upstream {upstream!r} was dropped: {exc}", maybe_executed=True
-            ) from None
-        except BaseException:
-            self._give_back(budget, len(body))
+        except BaseException as exc:  # what this body had reserved goes back, whatever happened
+            if budget is not None:
+                budget.give_back(len(body))
+            if isinstance(exc, BudgetExceeded):
+                raise UpstreamError(
+                    f"the answer of upstream {upstream!r} was dropped: {exc}", maybe_executed=True
+                ) from None
             raise
         return bytes(body)
-
-    @staticmethod
-    def _give_back(budget: ByteBudget | None, size: int) -> None:
-        if budget is not None:
-            budget.give_back(size)
 
     @asynccontextmanager
     async def stream(

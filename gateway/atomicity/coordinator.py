@@ -87,7 +87,8 @@ class AtomicRun:
         self.batch_id, self.plan, self.steps = batch_id, plan, steps
         self.owner = owner
         """Journal.owner_of(the outer Authorization): who may look the batch up (None: nobody)."""
-        self._budget_bytes = budget
+        self._buffer = budget
+        """The batch's share of buffered sub-response bytes (limits.max_batch_buffer_bytes)."""
         self._config, self._routes, self._pool = config, routes, pool
         self._journal, self._metrics, self._deadline = journal, metrics, deadline
         self._cap = config.batch.limits.max_response_bytes
@@ -103,20 +104,25 @@ class AtomicRun:
         self.journal_error: str | None = None
         self._tx_errors: dict[str, str | None] = {}
         self._seq = itertools.count(1)
-        self._budget = config.journal.max_batch_bytes
-        self._used = self._planned_journal_bytes()
+        self._journal_cap = config.journal.max_batch_bytes
+        self._intents = {
+            planned.position: _intent(
+                planned, steps[planned.position], config.upstreams[planned.upstream].idempotency_keys
+            )
+            for planned in plan.calls
+            if self.steps[planned.position].strategy is Strategy.COMPENSATION
+        }
+        """The journaled intent of each compensable call, built once (sized here, written later)."""
+        self._journal_used = self._planned_journal_bytes()
 
     def _planned_journal_bytes(self) -> int:
         """What the journal will hold before any snapshot or outcome; 413 when it is over the cap."""
         used = len(json.dumps([list(pair) for pair in self.plan.base_headers]))
-        for planned in self.plan.calls:
-            step = self.steps[planned.position]
-            if step.strategy is Strategy.COMPENSATION:
-                used += len(json.dumps(self._intent(planned, step)))
-        if used > self._budget:
+        used += sum(len(json.dumps(intent)) for intent in self._intents.values())
+        if used > self._journal_cap:
             raise PayloadTooLarge(
                 f"the batch's journal record would be {used} bytes, over journal.max_batch_bytes "
-                f"({self._budget}); send fewer or smaller calls, or fewer outer headers"
+                f"({self._journal_cap}); send fewer or smaller calls, or fewer outer headers"
             )
         return used
 
@@ -157,6 +163,10 @@ class AtomicRun:
         return True
 
     def _intent(self, planned: PlannedCall, step: AtomicStep) -> dict[str, Any]:
+        """The intent built in __init__ for a compensable call; built now for the others."""
+        cached = self._intents.get(planned.position)
+        if cached is not None:
+            return cached
         return _intent(planned, step, self._config.upstreams[planned.upstream].idempotency_keys)
 
     # -- forward calls -------------------------------------------------------------------------
@@ -202,7 +212,7 @@ class AtomicRun:
                 self.journal_error = exc.detail
                 return CallFailure(503, f"not sent: the journal could not record it ({exc.detail})")
         started = time.perf_counter()
-        outcome = await send_within(self._pool, call, self._deadline, self._budget_bytes)
+        outcome = await send_within(self._pool, call, self._deadline, self._buffer)
         log_call(planned, outcome, started)
         await self._record(planned.position, step, intent, outcome)
         return outcome
@@ -215,7 +225,7 @@ class AtomicRun:
             return CallFailure(502, f"not sent: no snapshot could be taken ({exc})")
         if call is None:
             return None
-        response = await send_within(self._pool, call, self._deadline, self._budget_bytes)
+        response = await send_within(self._pool, call, self._deadline, self._buffer)
         if isinstance(response, CallFailure):
             return CallFailure(response.status, f"snapshot before the call failed: {response.reason}")
         shown = relative_path(self.ctx, call)
@@ -226,12 +236,12 @@ class AtomicRun:
         except UntrustedValue as exc:
             return CallFailure(502, f"not sent: the snapshot GET {shown} cannot be restored ({exc})")
         size = len(json.dumps(snapshot))
-        if self._used + size > self._budget:
+        if self._journal_used + size > self._journal_cap:
             return CallFailure(
                 413, f"not sent: its snapshot ({size} bytes) would take the batch's journal record "
-                f"over journal.max_batch_bytes ({self._budget})",
+                f"over journal.max_batch_bytes ({self._journal_cap})",
             )
-        self._used += size
+        self._journal_used += size
         intent["snapshot"] = snapshot
         return None
 
@@ -244,10 +254,10 @@ class AtomicRun:
             keep_body = step.undo is not None and step.undo.kind in (UndoKind.DELETE_CREATED, UndoKind.RULE)
             encoded = encode_response(outcome, keep_body=keep_body, cap=self._cap)
             size = len(json.dumps(encoded))
-            if self._used + size > self._budget:
+            if self._journal_used + size > self._journal_cap:
                 encoded = {**encoded, "body_b64": "", "body_error": "over journal.max_batch_bytes"}
                 size = len(json.dumps(encoded))
-            self._used += size
+            self._journal_used += size
         record = CallRecord(step, intent, classify(outcome), encoded, next(self._seq))
         self.records[position] = record
         if step.strategy is Strategy.COMPENSATION:
