@@ -268,6 +268,6 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         for retiring in list(gateway.extras.get("retiring", ())):
             retiring.cancel()
         await health_of(gateway).stop()
-        await gateway.pool.close()
-        await app[GATEWAY].pool.close()  # the first generation's, if a reload replaced it
+        for pool in gateway.extras.get("pools", [gateway.pool]):  # after reloads: every generation's
+            await pool.close()
         await gateway.batches.journal.close()

@@ -125,3 +125,28 @@ async def test_sighup_adds_a_route_while_a_batch_is_in_flight_without_refusing_c
     assert still == 200
     log = (tmp_path / "gateway.log").read_text()
     assert '"event": "config_reloaded"' in log and '"event": "reload_failed"' in log
+
+
+async def test_every_generation_s_sessions_are_closed_at_shutdown(
+    make_gateway: MakeGateway, legacy: TestServer, ledger: TestServer, tmp_path: Path
+) -> None:
+    """Two reloads that each change `ledger`, a request still running on the middle generation when
+    the gateway stops (so its retirement never ran): no generation's session is left open."""
+    client = await make_gateway()
+    app = client.app
+    sessions = [app[GATEWAY].pool._sessions["ledger"]]
+    for total in (12, 13):
+        data = config_data(legacy, ledger, tmp_path)
+        data["upstreams"]["ledger"]["timeouts"] = {"total": total}
+        path = tmp_path / f"reload-{total}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        if total == 13:  # keep the middle generation busy through the shutdown
+            held = asyncio.ensure_future(client.get("/ledger/echo/held?delay_ms=3000"))
+            while not any(c["path"].startswith("/echo/held") for c in state_of(ledger).calls):
+                await asyncio.sleep(0.02)
+        assert await reload_config(app, str(path))
+        sessions.append(app[GATEWAY_REF].current.pool._sessions["ledger"])
+    await client.close()
+    held.cancel()
+    assert len({id(s) for s in sessions}) == 3
+    assert all(session.closed for session in sessions)
