@@ -16,6 +16,7 @@ from importlib import resources
 import structlog
 from aiohttp import HttpVersion, HttpVersion10, HttpVersion11, web
 
+from gateway.access_log import REJECTION, log_access
 from gateway.atomicity.recovery import Recovery
 from gateway.batch_endpoints import add_batch_routes
 from gateway.batch_lookup import batch_lookup, batch_lookup_by_request
@@ -24,7 +25,13 @@ from gateway.config import GatewayConfig
 from gateway.errors import BadHttp, ClientError, GatewayError, UnsupportedVersion
 from gateway.headers import TrustedProxies, new_request_id
 from gateway.health import UpstreamHealth, health_of, readiness
-from gateway.metrics import GatewayMetrics
+from gateway.metrics import (
+    GatewayMetrics,
+    count_recovered,
+    method_label,
+    recovered_by_supervisor,
+    status_class,
+)
 from gateway.problem import PROBLEM_JSON, problem_body
 from gateway.proxy import proxy_handler
 from gateway.routing import RouteTable
@@ -34,12 +41,15 @@ from gateway.runtime import (
     GATEWAY_REF,
     KIND,
     PINNED,
+    RELAYED,
     REQUEST_ID,
+    ROUTE,
     UPSTREAM,
     Gateway,
     GatewayRef,
     gateway_of,
 )
+from gateway.tracing import Span, tracing_for
 from gateway.upstream import UpstreamPool
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -72,19 +82,60 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     response: web.StreamResponse
     pinned = request[PINNED] = request.app[GATEWAY_REF].current  # a reload never changes it now
     pinned.active += 1
+    in_flight = pinned.metrics.requests_in_flight.labels(_kind_of(request))
+    in_flight.inc()
     try:
-        if request.version not in (HttpVersion10, HttpVersion11):  # HTTP/0.9 ("GET /"), "HTTP/2.0"
-            response = problem_response(_unsupported(request.version), request)
-            response.force_close()
-        else:
-            response = await _handle(request, handler)
+        with pinned.pool.tracing.server_span(request) as span:
+            if request.version not in (HttpVersion10, HttpVersion11):  # HTTP/0.9 ("GET /"), "HTTP/2.0"
+                response = problem_response(_unsupported(request.version), request)
+                response.force_close()
+            else:
+                response = await _handle(request, handler)
+            span.set_http_status(response.status)
+            _describe(span, request)
     finally:
+        in_flight.dec()
         pinned.active -= 1
         structlog.contextvars.unbind_contextvars("request_id", "batch_id")
     if not response.prepared:
         response.headers.setdefault("X-Request-ID", request[REQUEST_ID])
-    _log_access(request, response.status, started)
+    _count(request, response, started)
+    log_access(request, response, started)
     return response
+
+
+def _kind_of(request: web.Request) -> str:
+    """The kind before the handler says (in-flight gauge): batch endpoints are known by path."""
+    config = request.app[GATEWAY_REF].current.config
+    if request.path == config.batch.json_endpoint.path:
+        return "batch_json"
+    if request.path == config.batch.multipart_endpoint.path:
+        return "batch_multipart"
+    return "gateway" if request.path.startswith(config.gateway.prefix + "/") else "proxy"
+
+
+def route_label(request: web.Request) -> str:
+    """The proxy route's prefix, or the gateway endpoint's path template; "" when none matched."""
+    if ROUTE in request:
+        return request[ROUTE]
+    if request.get(KIND, "proxy") == "proxy":
+        return ""  # the catch-all matched but no configured route did
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else ""
+
+
+def _describe(span: Span, request: web.Request) -> None:
+    span.set_attribute("gateway.kind", request.get(KIND, "proxy"))
+    route = route_label(request)
+    if route:
+        span.set_attribute("http.route", route)
+    if UPSTREAM in request:
+        span.set_attribute("gateway.upstream", request[UPSTREAM])
+    if BATCH_ID in request:
+        span.set_attribute("gateway.batch_id", request[BATCH_ID])
+    rejection = request.get(REJECTION)
+    if rejection is not None:
+        span.record_failure(type(rejection).__name__, rejection.detail)
 
 
 def _unsupported(version: HttpVersion) -> GatewayError:
@@ -97,32 +148,35 @@ async def _handle(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except GatewayError as exc:
-        log.warning("request_rejected", error=type(exc).__name__, detail=str(exc))
+        request[REJECTION] = exc  # on the access line: one line per request
         return problem_response(exc, request)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return problem_response(_http_exception_error(exc), request)
+        request[REJECTION] = _http_exception_error(exc)
+        return problem_response(request[REJECTION], request)
     except Exception:
         log.exception("request_failed")
         return problem_response(GatewayError("the gateway failed to handle the request"), request)
 
 
-def _log_access(request: web.Request, status: int, started: float) -> None:
-    gateway = gateway_of(request)
+def _count(request: web.Request, response: web.StreamResponse, started: float) -> None:
+    """The request's counter and duration; `origin` says whether the upstream or the gateway
+    chose the status (a proxied answer relayed, or the gateway's own)."""
+    metrics = gateway_of(request).metrics
     kind = request.get(KIND, "proxy")
-    gateway.metrics.requests.labels(kind, str(status)).inc()
-    log.info(
-        "request",
-        request_id=request[REQUEST_ID],
-        method=request.method,
-        path=request.path,
-        kind=kind,
-        upstream=request.get(UPSTREAM),
-        batch_id=request.get(BATCH_ID),
-        status=status,
-        duration_ms=round((time.perf_counter() - started) * 1000, 3),
+    route = route_label(request)
+    upstream = request.get(UPSTREAM, "")
+    method = method_label(request.method)
+    cls = status_class(response.status)
+    origin = "upstream" if request.get(RELAYED, False) else "gateway"
+    metrics.requests.labels(kind, route, upstream, method, cls, origin).inc()
+    metrics.request_duration.labels(kind, route, upstream, method, cls).observe(
+        time.perf_counter() - started
     )
+    rejection = request.get(REJECTION)
+    if rejection is not None and rejection.limit is not None:
+        metrics.limits_hit.labels(rejection.limit).inc()
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -170,6 +224,8 @@ def build_gateway(config: GatewayConfig) -> Gateway:
         max_response_bytes=config.batch.limits.max_response_bytes,
         observe=health.observer(metrics_.observe_upstream),
         on_outcome=health.record,
+        metrics=metrics_,
+        tracing=tracing_for(config),
     )
     routes = RouteTable(config)
     batches = BatchService(config, routes, pool, metrics_)
@@ -253,13 +309,18 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             ).run()
             if report.outcomes:
                 log.warning("recovery_done", batches={k: v.value for k, v in report.outcomes.items()})
+            count_recovered(gateway.metrics, [v.value for v in report.outcomes.values()])
             for batch_id, reason in report.needs_operator.items():
                 log.error("batch_needs_operator", batch_id=batch_id, reason=reason,
                           hint=f"gateway batches show {batch_id}")
+        else:  # a worker: its supervisor recovered (what it found is handed over in the environment)
+            count_recovered(gateway.metrics, recovered_by_supervisor())
         gateway.extras["recovered"] = True
         pruner = asyncio.create_task(_prune_periodically(gateway))
+        refresher = asyncio.create_task(_refresh_process_metrics(gateway))
         yield
         pruner.cancel()
+        refresher.cancel()
     finally:
         gateway = app[GATEWAY_REF].current  # after reloads: the newest generation
         deadline = gateway.batches.shutdown.deadline  # set by serve(): one deadline for it all
@@ -271,3 +332,11 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         for pool in gateway.extras.get("pools", [gateway.pool]):  # after reloads: every generation's
             await pool.close()
         await gateway.batches.journal.close()
+        gateway.pool.tracing.shutdown()
+
+
+async def _refresh_process_metrics(gateway: Gateway, every: float = 5.0) -> None:
+    """With workers, each one writes its process and GC figures for the merged scrape."""
+    while gateway.metrics.multiprocess:
+        gateway.metrics.refresh_process()
+        await asyncio.sleep(every)

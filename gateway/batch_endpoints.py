@@ -115,9 +115,16 @@ async def run_batch(
     structlog.contextvars.bind_contextvars(batch_id=batch_id)
     atomic = wants_atomic(request, endpoint)
     outer = outer_request(request)
-    if atomic:
-        return await service.run_atomic(item, outer, batch_id=batch_id, budget=budget)
-    return await service.run(item, outer, batch_id=batch_id, budget=budget)
+    gateway = gateway_of(request)
+    kind = request.get(KIND, "batch")
+    with gateway.pool.tracing.batch_span(batch_id=batch_id, kind=kind, atomic=atomic) as span:
+        if atomic:
+            report = await service.run_atomic(item, outer, batch_id=batch_id, budget=budget, kind=kind)
+        else:
+            report = await service.run(item, outer, batch_id=batch_id, budget=budget, kind=kind)
+        if report.atomic_outcome is not None:
+            span.set_attribute("gateway.batch.outcome", report.atomic_outcome.value)
+        return report
 
 
 async def write_answer(

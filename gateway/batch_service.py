@@ -8,6 +8,9 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from collections.abc import Coroutine, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import structlog
 
@@ -18,8 +21,16 @@ from gateway.budget import ByteBudget
 from gateway.config import GatewayConfig
 from gateway.errors import ShuttingDown
 from gateway.execution import Deadline, execute, plain_runner
-from gateway.metrics import GatewayMetrics
-from gateway.model import BatchReport, Item, ItemResult, ResultNode, Skipped
+from gateway.metrics import GatewayMetrics, status_class
+from gateway.model import (
+    BatchReport,
+    Item,
+    ItemResult,
+    ResultNode,
+    RollbackStatus,
+    Skipped,
+    SubResponse,
+)
 from gateway.planning import BatchPlan, OuterRequest, Planner
 from gateway.routing import RouteTable
 from gateway.upstream import UpstreamPool
@@ -55,6 +66,7 @@ class BatchService:
         self._pool = pool
         self._metrics = metrics
         self.journal: Journal = journal or open_journal(config)
+        self.journal.observe_write = self._journal_written
         self.planner = Planner(routes)
         self._in_flight: set[asyncio.Task[BatchReport]] = set()
         self.shutdown = ShutdownClock()
@@ -62,6 +74,10 @@ class BatchService:
         limits = config.batch.limits
         self.buffered = ByteBudget(limits.max_buffered_bytes, "limits.max_buffered_bytes")
         """Sub-response bytes all batches of this process hold (each batch draws a child budget)."""
+
+    def _journal_written(self, operation: str, size: int, seconds: float) -> None:
+        self._metrics.journal_write.labels(operation).observe(seconds)
+        self._metrics.journal_bytes.labels(operation).observe(size)
 
     def adopt(self, predecessor: BatchService) -> None:
         """After a reload: share the process-wide buffer budget and the set of atomic runs in
@@ -81,17 +97,30 @@ class BatchService:
         return Deadline(limits.batch_timeout, limits.call_timeout)
 
     async def run(
-        self, item: Item, outer: OuterRequest, *, batch_id: str, budget: ByteBudget | None = None
+        self, item: Item, outer: OuterRequest, *, batch_id: str, budget: ByteBudget | None = None,
+        kind: str = "batch",
     ) -> BatchReport:
         """Run a non-atomic batch: every item gets a result (or Skipped after a Serial failure)."""
         plan = self.planner.plan(item, outer)
-        root = await execute(plan.root, plain_runner(self._pool, self.deadline(), budget, batch_id))
-        self._count(plan, root)
-        self._metrics.batches.labels("plain", "processed").inc()
-        return BatchReport(root=root, batch_id=batch_id)
+        self._metrics.batch_size.labels(kind).observe(len(plan.calls))
+        with self._in_flight_gauge("false"):
+            root = await execute(plan.root, plain_runner(self._pool, self.deadline(), budget, batch_id))
+        report = BatchReport(root=root, batch_id=batch_id)
+        self._count(plan, report, kind)
+        return report
+
+    @contextmanager
+    def _in_flight_gauge(self, atomic: str) -> Iterator[None]:
+        gauge = self._metrics.batches_in_flight.labels(atomic)
+        gauge.inc()
+        try:
+            yield
+        finally:
+            gauge.dec()
 
     async def run_atomic(
-        self, item: Item, outer: OuterRequest, *, batch_id: str, budget: ByteBudget | None = None
+        self, item: Item, outer: OuterRequest, *, batch_id: str, budget: ByteBudget | None = None,
+        kind: str = "batch",
     ) -> BatchReport:
         """Plan (422 if any call cannot be made atomic), then run all-or-nothing.
 
@@ -105,11 +134,19 @@ class BatchService:
             pool=self._pool, journal=self.journal, metrics=self._metrics, deadline=self.deadline(),
             budget=budget, owner=self.journal.owner_of(outer.headers.getall("Authorization", [])),
         )
-        task = asyncio.ensure_future(run.run())
+        self._metrics.batch_size.labels(kind).observe(len(plan.calls))
+        task = asyncio.ensure_future(self._counted(run.run(), plan, kind))
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
-        report = await self._until_done_or_shutdown(task, batch_id)
-        self._count(plan, report.root)
+        return await self._until_done_or_shutdown(task, batch_id)
+
+    async def _counted(
+        self, running: Coroutine[Any, Any, BatchReport], plan: BatchPlan, kind: str
+    ) -> BatchReport:
+        """An atomic run, in flight until its rollback ends (also after its client left), counted."""
+        with self._in_flight_gauge("true"):
+            report = await running
+        self._count(plan, report, kind)
         return report
 
     async def _until_done_or_shutdown(self, task: asyncio.Task[BatchReport], batch_id: str) -> BatchReport:
@@ -136,9 +173,12 @@ class BatchService:
             log.info("draining_atomic_batches", count=len(self._in_flight))
             await asyncio.wait(self._in_flight, timeout=max(0.0, timeout))
 
-    def _count(self, plan: BatchPlan, root: ResultNode) -> None:
-        for call, result in zip(plan.calls, iter_results(root), strict=True):
-            self._metrics.subrequests.labels(call.upstream, status_label(result)).inc()
+    def _count(self, plan: BatchPlan, report: BatchReport, kind: str) -> None:
+        atomic = report.atomic_outcome is not None
+        outcome = report.atomic_outcome.value if report.atomic_outcome is not None else "processed"
+        self._metrics.batches.labels(kind, "true" if atomic else "false", outcome).inc()
+        for call, result in zip(plan.calls, iter_results(report.root), strict=True):
+            self._metrics.subrequests.labels(call.upstream, *subrequest_labels(result)).inc()
 
 
 def iter_results(node: ResultNode) -> list[ItemResult]:
@@ -148,6 +188,12 @@ def iter_results(node: ResultNode) -> list[ItemResult]:
     return [leaf for child in node.items for leaf in iter_results(child)]
 
 
-def status_label(result: ItemResult) -> str:
+def subrequest_labels(result: ItemResult) -> tuple[str, str]:
+    """(status class, outcome) of one sub-request for gateway_subrequests_total."""
     outcome = result.outcome
-    return "skipped" if isinstance(outcome, Skipped) else str(outcome.status)
+    if isinstance(outcome, Skipped):
+        return "none", "skipped"
+    cls = status_class(outcome.status) if isinstance(outcome, SubResponse) else "error"
+    if result.rollback in (RollbackStatus.ROLLED_BACK, RollbackStatus.ROLLBACK_FAILED):
+        return cls, result.rollback.value
+    return cls, "executed" if isinstance(outcome, SubResponse) else "failed"

@@ -7,7 +7,11 @@ from __future__ import annotations
 
 
 class BudgetExceeded(Exception):
-    """Taking these bytes would exceed a budget; the message names the config key."""
+    """Taking these bytes would exceed a budget; the message names the config key (`limit`)."""
+
+    def __init__(self, detail: str, limit: str) -> None:
+        super().__init__(detail)
+        self.limit = limit
 
 
 class ByteBudget:
@@ -30,7 +34,7 @@ class ByteBudget:
         if self.held + size > self.limit:
             raise BudgetExceeded(
                 f"buffering it would take {self.key} over {self.limit} bytes "
-                f"({self.held} held)"
+                f"({self.held} held)", self.key,
             )
         if self._parent is not None:
             self._parent.take(size)

@@ -246,7 +246,7 @@ async def serve(
     metrics = gateway.metrics
     guard = ConnectionGuard(
         listen.header_timeout, listen.max_connections, listen.backlog,
-        on_protocol_error=lambda status: metrics.requests.labels("protocol_error", str(status)).inc(),
+        on_protocol_error=metrics.protocol_error,
     )
     guard.install(runner.server)
     tls = listener_context(config)

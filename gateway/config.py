@@ -424,6 +424,27 @@ class Journal(_Strict):
         return frozenset(name.lower() for name in (*DEFAULT_SENSITIVE_HEADERS, *self.sensitive_headers))
 
 
+_LOG_LEVELS = Literal["debug", "info", "warning", "off"]
+DEFAULT_REDACTED_QUERY = (
+    "access_token", "api_key", "apikey", "code", "key", "password", "secret", "sig", "signature",
+    "token",
+)
+
+
+class LogSettings(_Strict):
+    subrequest_level: _LOG_LEVELS = "info"
+    """Level of the one line per sub-request (`off`: none; it costs ~12 us per call)."""
+    redact_query_params: tuple[str, ...] = DEFAULT_REDACTED_QUERY
+    """Query parameters whose values the access line shows as `REDACTED` (case-insensitive)."""
+
+
+class TracingSettings(_Strict):
+    enabled: bool = False
+    """OpenTelemetry spans, exported as the standard OTEL_* variables say (needs the `otel` extra)."""
+    service_name: str = Field("batch-gateway", min_length=1)
+    """`service.name` of the spans, unless OTEL_SERVICE_NAME is set."""
+
+
 class GatewayEndpoints(_Strict):
     prefix: str = "/_gateway"
 
@@ -443,6 +464,8 @@ class GatewayConfig(_Strict):
     journal: Journal = Journal()
     gateway: GatewayEndpoints = GatewayEndpoints()
     proxy: Proxy = Proxy()
+    logging: LogSettings = LogSettings()
+    tracing: TracingSettings = TracingSettings()
     trusted_proxies: tuple[str, ...] = ()
     """CIDRs of proxies in front of the gateway whose X-Forwarded-* / Forwarded are kept."""
     shutdown_grace: float = Field(30.0, ge=0)

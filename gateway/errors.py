@@ -12,11 +12,15 @@ class GatewayError(Exception):
     status: int = 500
     title: str = "Internal gateway error"
     type_suffix: str = "internal"
+    limit: str | None = None
+    """The configured limit this error enforces (e.g. `limits.max_items`), counted in metrics."""
 
-    def __init__(self, detail: str, *, where: str | None = None) -> None:
+    def __init__(self, detail: str, *, where: str | None = None, limit: str | None = None) -> None:
         super().__init__(detail if where is None else f"{where}: {detail}")
         self.detail = detail
         self.where = where
+        if limit is not None:
+            self.limit = limit
 
 
 class ClientError(GatewayError):
@@ -106,17 +110,26 @@ class UpstreamError(GatewayError):
     status = 502
     title = "Bad gateway"
     type_suffix = "upstream-unavailable"
+    kind: str = "connection"
+    """For metrics: connect, connect_timeout, timeout, tls, reset, invalid_response, oversize,
+    not_sent, busy (see upstream.translate_errors)."""
 
-    def __init__(self, detail: str, *, where: str | None = None, maybe_executed: bool = False):
-        super().__init__(detail, where=where)
+    def __init__(
+        self, detail: str, *, where: str | None = None, maybe_executed: bool = False,
+        kind: str | None = None, limit: str | None = None,
+    ):
+        super().__init__(detail, where=where, limit=limit)
         self.maybe_executed = maybe_executed
+        if kind is not None:
+            self.kind = kind
 
 
 class UpstreamUnavailable(UpstreamError):
-    pass
+    kind = "connect"
 
 
 class UpstreamTimeout(UpstreamError):
+    kind = "timeout"
     status = 504
     title = "Gateway timeout"
     type_suffix = "upstream-timeout"
@@ -141,6 +154,8 @@ class RequestTimeout(ClientError):
 class UpstreamBusy(UpstreamError):
     """Every pooled connection to the upstream stayed busy for `timeouts.pool`; nothing was sent."""
 
+    kind = "busy"
+    limit = "timeouts.pool"
     status = 503
     title = "Upstream busy"
     type_suffix = "upstream-busy"

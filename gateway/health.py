@@ -206,7 +206,8 @@ class UpstreamHealth:
             if path is not None:
                 raw_path, _, query = path.partition("?")
                 url = routes.upstream_url(name, Target(path=raw_path, query=query))
-                call = UpstreamCall(name, "GET", url, _CHECK_HEADERS, timeout=tracked.settings.timeout)
+                call = UpstreamCall(name, "GET", url, _CHECK_HEADERS, timeout=tracked.settings.timeout,
+                                    purpose="health_check")
                 self._checks.append(asyncio.create_task(self._check_forever(pool, call)))
 
     async def stop(self) -> None:

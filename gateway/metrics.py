@@ -1,51 +1,264 @@
-"""Prometheus metrics: requests, sub-requests, rollbacks and upstream latency, on a private registry.
+"""Prometheus metrics: requests, upstream calls, pools, batches, rollbacks, journal and limits.
 
-One `GatewayMetrics` per app, so several apps (tests) never collide on the global registry.
+One `GatewayMetrics` per app (a private registry, so several apps in one process never collide);
+with `workers: N` every worker writes to PROMETHEUS_MULTIPROC_DIR and one scrape sums them all.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import gc
+import os
+import platform
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import prometheus_client
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call] # no `_created` series (they double every counter)
+
+MULTIPROC_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+RECOVERED_VARIABLE = "GATEWAY_RECOVERED_OUTCOMES"
+"""Set by the supervisor for a worker: the outcomes of the recovery it ran before starting it."""
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_WAIT_BUCKETS = (0.0001, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30)
+_SIZE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+_BYTES_BUCKETS = (256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def multiprocess_dir() -> str | None:
+    """The directory the workers share their metrics through, when running with workers."""
+    return os.environ.get(MULTIPROC_VARIABLE) or None
+
+
+def status_class(status: int) -> str:
+    """`2xx` ... `5xx`; `error` when there was no HTTP status (the call failed or was refused)."""
+    return f"{status // 100}xx" if 100 <= status <= 599 else "error"
+
+
+def method_label(method: str) -> str:
+    """The method, or `other` for an extension method (a client must not mint label values)."""
+    return method if method in _METHODS else "other"
 
 
 class GatewayMetrics:
+    """Every series the gateway exports; label values are bounded by the config, never by clients."""
+
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
+        self.registry = r = CollectorRegistry()
+        self.multiprocess = multiprocess_dir() is not None
         self.requests = Counter(
-            "gateway_requests", "Requests handled", ["kind", "status"], registry=self.registry
+            "gateway_http_requests", "HTTP requests served, by what answered them (origin: upstream or "
+            "gateway)", ["kind", "route", "upstream", "method", "status_class", "origin"], registry=r,
+        )
+        self.request_duration = Histogram(
+            "gateway_http_request_duration_seconds", "Time from request to the end of the answer",
+            ["kind", "route", "upstream", "method", "status_class"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.requests_in_flight = Gauge(
+            "gateway_http_requests_in_flight", "Requests being served", ["kind"], registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.upstream_calls = Counter(
+            "gateway_upstream_requests", "Calls made to upstreams, by purpose (proxy, subrequest, "
+            "snapshot, undo, begin, commit, rollback, replay, health_check)",
+            ["upstream", "purpose", "status_class"], registry=r,
+        )
+        self.upstream_duration = Histogram(
+            "gateway_upstream_request_duration_seconds", "Upstream call time to the end of the response "
+            "head (proxy) or body (batch calls)", ["upstream", "purpose", "status_class"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.upstream_in_flight = Gauge(
+            "gateway_upstream_requests_in_flight", "Upstream calls under way", ["upstream", "purpose"],
+            registry=r, multiprocess_mode="livesum",
+        )
+        self.upstream_errors = Counter(
+            "gateway_upstream_errors", "Upstream calls that failed without a usable answer, by kind "
+            "(connect, connect_timeout, timeout, tls, reset, invalid_response, oversize, not_sent, "
+            "busy)", ["upstream", "kind"], registry=r,
+        )
+        self.pool_in_use = Gauge(
+            "gateway_upstream_pool_connections_in_use", "Pooled connections held by a call",
+            ["upstream"], registry=r, multiprocess_mode="livesum",
+        )
+        self.pool_limit = Gauge(
+            "gateway_upstream_pool_connections_limit", "Pooled connections allowed (pool_size, summed "
+            "over workers)", ["upstream"], registry=r, multiprocess_mode="livesum",
+        )
+        self.pool_wait = Histogram(
+            "gateway_upstream_pool_wait_seconds", "Time a call waited for a pooled connection",
+            ["upstream"], buckets=_WAIT_BUCKETS, registry=r,
+        )
+        self.slot_wait = Histogram(
+            "gateway_batch_slot_wait_seconds", "Time a sub-request waited for one of its upstream's "
+            "`concurrency` slots", ["upstream"], buckets=_WAIT_BUCKETS, registry=r,
         )
         self.subrequests = Counter(
-            "gateway_subrequests", "Batch sub-requests executed", ["upstream", "status"],
-            registry=self.registry,
+            "gateway_subrequests", "Batch sub-requests by outcome (executed, failed, skipped, "
+            "rolled_back, rollback_failed)", ["upstream", "status_class", "outcome"], registry=r,
+        )
+        self.batch_size = Histogram(
+            "gateway_batch_subrequests", "Sub-requests per batch", ["kind"], buckets=_SIZE_BUCKETS,
+            registry=r,
         )
         self.batches = Counter(
-            "gateway_batches", "Batches by format and atomic outcome", ["format", "outcome"],
-            registry=self.registry,
+            "gateway_batches", "Batches by endpoint, atomicity and outcome", ["kind", "atomic", "outcome"],
+            registry=r,
+        )
+        self.batches_in_flight = Gauge(
+            "gateway_batches_in_flight", "Batches running (an atomic one until its rollback ends)",
+            ["atomic"], registry=r, multiprocess_mode="livesum",
         )
         self.rollbacks = Counter(
-            "gateway_rollback_actions", "Compensations and transaction rollbacks",
-            ["kind", "result"], registry=self.registry,
+            "gateway_rollback_actions", "Compensations and transaction rollbacks", ["kind", "result"],
+            registry=r,
+        )
+        self.undo_retries = Counter(
+            "gateway_undo_retries", "Undo attempts after the first one", ["upstream"], registry=r,
+        )
+        self.limits_hit = Counter(
+            "gateway_limits_hit", "Requests or calls refused by a configured limit (its config key)",
+            ["limit"], registry=r,
+        )
+        self.journal_write = Histogram(
+            "gateway_journal_write_duration_seconds", "Journal write (and fsync) time", ["operation"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.journal_bytes = Histogram(
+            "gateway_journal_write_bytes", "Bytes per journal write", ["operation"],
+            buckets=_BYTES_BUCKETS, registry=r,
+        )
+        self.recovered = Counter(
+            "gateway_recovered_batches", "Batches finished by crash recovery, by outcome", ["outcome"],
+            registry=r,
         )
         self.reloads = Counter(
-            "gateway_config_reloads", "Config reloads by result (ok, failed)", ["result"],
-            registry=self.registry,
-        )
-        self.upstream_latency = Histogram(
-            "gateway_upstream_latency_seconds", "Upstream call latency", ["upstream"],
-            buckets=_LATENCY_BUCKETS, registry=self.registry,
+            "gateway_config_reloads", "Config reloads by result (ok, failed)", ["result"], registry=r,
         )
         self.upstream_up = Gauge(
-            "gateway_upstream_up", "1 while the upstream is up, 0 while down or probing (gateway/health.py); "
-            "no sample while unknown", ["upstream"], registry=self.registry,
+            "gateway_upstream_up", "1 while the upstream is up, 0 while down or probing "
+            "(gateway/health.py); no sample while unknown; with workers, the lowest of them",
+            ["upstream"], registry=r, multiprocess_mode="livemin",
         )
+        self._process = _ProcessMetrics(r, self.multiprocess)
+
+    # -- upstream calls -------------------------------------------------------------------------
+
+    @contextmanager
+    def upstream_call(self, upstream: str, purpose: str) -> Iterator[_CallRecord]:
+        """Counts one upstream call from start to end: in flight, then its status and duration."""
+        record = _CallRecord()
+        gauge = self.upstream_in_flight.labels(upstream, purpose)
+        gauge.inc()
+        started = time.perf_counter()
+        try:
+            yield record
+        finally:
+            gauge.dec()
+            cls = status_class(record.status)
+            self.upstream_calls.labels(upstream, purpose, cls).inc()
+            self.upstream_duration.labels(upstream, purpose, cls).observe(time.perf_counter() - started)
+
+    def upstream_error(self, upstream: str, kind: str, limit: str | None) -> None:
+        self.upstream_errors.labels(upstream, kind).inc()
+        if limit is not None:
+            self.limits_hit.labels(limit).inc()
+
+    def protocol_error(self, status: int) -> None:
+        """A request aiohttp could not parse (answered by the gateway's connection guard)."""
+        self.requests.labels("protocol_error", "", "", "other", status_class(status), "gateway").inc()
+
+    def set_pool_limits(self, limits: dict[str, int]) -> None:
+        for upstream, size in limits.items():
+            self.pool_limit.labels(upstream).set(size)
 
     def observe_upstream(self, upstream: str, status: int, seconds: float) -> None:
-        self.upstream_latency.labels(upstream).observe(seconds)
+        """The health observer's hook (see gateway/health.py); counted in `upstream_call`."""
+
+    def refresh_process(self) -> None:
+        self._process.refresh()
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """The exposition text: this process's registry, or every worker's series merged."""
+        directory = multiprocess_dir()
+        if directory is None:
+            self._process.refresh()
+            return generate_latest(self.registry)
+        self._process.refresh()
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged, path=directory)  # type: ignore[no-untyped-call]
+        return generate_latest(merged)
+
+
+def count_recovered(metrics: GatewayMetrics, outcomes: list[str]) -> None:
+    for outcome in outcomes:
+        metrics.recovered.labels(outcome).inc()
+
+
+def recovered_by_supervisor() -> list[str]:
+    """The outcomes the supervisor's recovery handed to this worker (comma-separated)."""
+    text = os.environ.get(RECOVERED_VARIABLE, "")
+    return [part for part in text.split(",") if part.isidentifier()]
+
+
+class _CallRecord:
+    status = 0
+
+
+class _ProcessMetrics:
+    """Process and GC series. In one process the stock collectors; with workers (where custom
+    collectors are not merged) the same values as per-worker gauges (a `pid` label each)."""
+
+    def __init__(self, registry: CollectorRegistry, shared: bool) -> None:
+        self._shared = shared
+        if not shared:
+            prometheus_client.ProcessCollector(registry=registry)
+            prometheus_client.GCCollector(registry=registry)
+            prometheus_client.PlatformCollector(registry=registry)
+            return
+        self._collector = prometheus_client.ProcessCollector(registry=None)
+        self._gauges = {
+            name: Gauge(name, text, registry=registry, multiprocess_mode="liveall")
+            for name, text in (
+                ("process_cpu_seconds_total", "Worker CPU time (user and system) in seconds"),
+                ("process_resident_memory_bytes", "Worker resident memory in bytes"),
+                ("process_virtual_memory_bytes", "Worker virtual memory in bytes"),
+                ("process_open_fds", "Worker open file descriptors"),
+                ("process_max_fds", "Worker file descriptor limit"),
+                ("process_start_time_seconds", "Worker start time (Unix epoch seconds)"),
+            )
+        }
+        self._gc = Gauge(
+            "python_gc_collections", "Worker garbage collections by generation", ["generation"],
+            registry=registry, multiprocess_mode="liveall",
+        )
+        self._lock = threading.Lock()
+        self._python = platform.python_version()
+
+    def refresh(self) -> None:
+        """Write this process's current values (with workers: the scraped worker's own; every
+        worker also refreshes on its own timer, see gateway/app.py)."""
+        if not self._shared:
+            return
+        with self._lock:
+            for family in self._collector.collect():
+                for sample in family.samples:
+                    gauge = self._gauges.get(sample.name)
+                    if gauge is not None:
+                        gauge.set(sample.value)
+            for generation, stats in enumerate(gc.get_stats()):
+                self._gc.labels(str(generation)).set(stats["collections"])

@@ -159,12 +159,15 @@ class Planner:
         routed = self._routes.route(request.method, target, request.where)
         own = [(k, v) for k, v in own_headers(request.headers) if k.lower() not in GATEWAY_OWNED]
         headers = inherit(base, own)
+        if "X-Request-ID" in base:  # <outer id>.<position>: upstream logs join to the batch
+            headers["X-Request-ID"] = f"{base['X-Request-ID']}.{position}"
         call = UpstreamCall(
             upstream=routed.upstream,
             method=request.method,
             url=routed.url,
             headers=tuple(headers.items()),
             body=request.body,
+            item=request.where,
         )
         return PlannedCall(
             position=position, request=request, call=call, upstream_path=routed.path,

@@ -19,7 +19,7 @@ from gateway.errors import MethodRefused, RequestTimeout, UpstreamError
 from gateway.headers import add_forwarding, end_to_end, safe_reason
 from gateway.planning import REFUSED_ITEM_METHODS
 from gateway.routing import parse_target
-from gateway.runtime import REQUEST_ID, UPSTREAM, gateway_of
+from gateway.runtime import RELAYED, REQUEST_ID, ROUTE, UPSTREAM, gateway_of
 
 _CHUNK = 64 * 1024
 log = structlog.get_logger("gateway.proxy")
@@ -49,6 +49,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
             f"{request.method} is proxied only on a route that lists it under methods"
         )
     request[UPSTREAM] = routed.upstream
+    request[ROUTE] = routed.route.prefix
     settings = gateway.config.proxy
     stall = _Stall()
     data: bytes | AsyncIterator[bytes] | None = None
@@ -76,6 +77,7 @@ async def _answer(
 ) -> web.StreamResponse:
     """Relay the upstream's status, end-to-end headers and body to the client."""
     status = upstream_response.status
+    request[RELAYED] = True
     response = web.StreamResponse(status=status, reason=safe_reason(status, upstream_response.reason))
     response.headers.extend(end_to_end(upstream_response.headers))
     response.headers["X-Request-ID"] = request[REQUEST_ID]

@@ -25,8 +25,9 @@ from gateway.runtime import GATEWAY_REF, Gateway
 
 log = structlog.get_logger("gateway.reload")
 
-RESTART_ONLY = ("listen", "journal")
-"""Sections a reload cannot change (the socket, the journal file): a restart is needed."""
+RESTART_ONLY = ("listen", "journal", "tracing")
+"""Sections a reload cannot change (the socket, the journal file, the span exporter): a restart is
+needed."""
 
 
 async def reload_config(app: web.Application, path: str) -> bool:

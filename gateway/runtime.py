@@ -22,6 +22,10 @@ KIND = web.RequestKey("kind", str)
 """What the request is, for logs and metrics: proxy, gateway, batch_json, batch_multipart."""
 UPSTREAM = web.RequestKey("upstream", str)
 BATCH_ID = web.RequestKey("batch_id", str)
+ROUTE = web.RequestKey("route", str)
+"""The route that matched (its prefix) or the gateway endpoint's path: a bounded metrics label."""
+RELAYED = web.RequestKey("relayed", bool)
+"""True once an upstream's answer is being relayed: its status is the upstream's, not the gateway's."""
 
 
 @dataclass

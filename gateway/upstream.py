@@ -9,7 +9,7 @@ import asyncio
 import errno
 import time
 from collections.abc import AsyncIterator, Callable, Hashable, Iterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,8 +22,10 @@ from gateway.config import GatewayConfig
 from gateway.errors import UpstreamBusy, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from gateway.fair_slots import FairSlots
 from gateway.headers import safe_reason
+from gateway.metrics import GatewayMetrics
 from gateway.model import Headers, SubResponse
 from gateway.tls import server_name, upstream_context
+from gateway.tracing import Span, Tracing
 
 log = structlog.get_logger("gateway.upstream")
 
@@ -46,6 +48,11 @@ class UpstreamCall:
     headers: Headers
     body: bytes | None = None
     timeout: float | None = None
+    purpose: str = "subrequest"
+    """What the call is for, in metrics and spans: subrequest, snapshot, undo, begin, commit,
+    rollback, replay, health_check (the proxy's calls are `proxy`)."""
+    item: str | None = None
+    """The batch item it belongs to (JSON pointer or part number), when there is one."""
 
 
 @contextmanager
@@ -60,24 +67,41 @@ def translate_errors(upstream: str) -> Iterator[None]:
         yield
     except aiohttp.ConnectionTimeoutError as exc:
         _log_detail(upstream, exc)
-        raise UpstreamTimeout(f"connecting to upstream {upstream!r} timed out") from exc
+        raise UpstreamTimeout(
+            f"connecting to upstream {upstream!r} timed out", kind="connect_timeout"
+        ) from exc
     except (aiohttp.ServerTimeoutError, TimeoutError) as exc:
         raise UpstreamTimeout(
             f"upstream {upstream!r} did not answer in time", maybe_executed=True
         ) from exc
     except aiohttp.ClientConnectorError as exc:
         _log_detail(upstream, exc)
-        raise UpstreamUnavailable(f"upstream {upstream!r} is unreachable ({_reason(exc)})") from exc
+        raise UpstreamUnavailable(
+            f"upstream {upstream!r} is unreachable ({_reason(exc)})", kind=_kind(exc)
+        ) from exc
     except ValueError as exc:  # aiohttp refused to build the request (URL, header): nothing was sent
         _log_detail(upstream, exc)
         raise UpstreamError(
-            f"the gateway refused to send a call to upstream {upstream!r} (an invalid URL or header)"
+            f"the gateway refused to send a call to upstream {upstream!r} (an invalid URL or header)",
+            kind="not_sent",
         ) from exc
     except aiohttp.ClientError as exc:
         _log_detail(upstream, exc)
         raise UpstreamUnavailable(
             f"connection to upstream {upstream!r} failed ({_reason(exc)})", maybe_executed=True,
+            kind=_kind(exc),
         ) from exc
+
+
+def _kind(exc: aiohttp.ClientError) -> str:
+    """The metrics label of a client error (gateway_upstream_errors_total{kind})."""
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
+        return "tls"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return "connect"
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return "invalid_response"
+    return "reset"
 
 
 def _reason(exc: Exception) -> str:
@@ -108,7 +132,8 @@ def check_status(upstream: str, status: int) -> None:
     turn the client's connection into a tunnel)."""
     if not 200 <= status <= 599:
         raise UpstreamError(
-            f"upstream {upstream!r} answered status {status} as its final answer", maybe_executed=True
+            f"upstream {upstream!r} answered status {status} as its final answer", maybe_executed=True,
+            kind="invalid_response",
         )
 
 
@@ -117,12 +142,16 @@ class UpstreamPool:
 
     def __init__(
         self, config: GatewayConfig, *, max_response_bytes: int, observe: Observer | None = None,
-        on_outcome: OutcomeHook | None = None,
+        on_outcome: OutcomeHook | None = None, metrics: GatewayMetrics | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self._config = config
         self._max_response_bytes = max_response_bytes
         self._observe = observe
         self._on_outcome = on_outcome
+        self.metrics = metrics or GatewayMetrics()
+        self.tracing = tracing or Tracing()
+        self.metrics.set_pool_limits({name: up.pool_size for name, up in config.upstreams.items()})
         self._sessions: dict[str, aiohttp.ClientSession] = {}
         self._slots = {name: FairSlots(up.concurrency) for name, up in config.upstreams.items()}
         self._connections = {
@@ -166,6 +195,7 @@ class UpstreamPool:
         pool = UpstreamPool(
             config, max_response_bytes=config.batch.limits.max_response_bytes,
             observe=observe or self._observe, on_outcome=on_outcome or self._on_outcome,
+            metrics=self.metrics, tracing=self.tracing,
         )
         for name, upstream in config.upstreams.items():
             if name in self._sessions and self._config.upstreams.get(name) == upstream:
@@ -198,21 +228,34 @@ class UpstreamPool:
         `timeouts.pool`: a full pool answers quickly instead of queueing without end."""
         permits = self._connections[upstream]
         wait = self._config.upstreams[upstream].timeouts.pool
+        started = time.perf_counter()
         try:
-            await asyncio.wait_for(permits.acquire(), wait)
+            if permits.locked():
+                await asyncio.wait_for(permits.acquire(), wait)
+            else:
+                await permits.acquire()  # free: no timer (the common case, on the hot path)
         except TimeoutError:
             raise UpstreamBusy(
                 f"every connection to upstream {upstream!r} stayed busy for {wait} s "
                 f"(pool_size {self._config.upstreams[upstream].pool_size}); not sent"
             ) from None
+        finally:
+            self.metrics.pool_wait.labels(upstream).observe(time.perf_counter() - started)
+        in_use = self.metrics.pool_in_use.labels(upstream)
+        in_use.inc()
         try:
             yield
         finally:
+            in_use.dec()
             permits.release()
 
-    def bound(self, upstream: str, batch: Hashable) -> AbstractAsyncContextManager[None]:
+    @asynccontextmanager
+    async def bound(self, upstream: str, batch: Hashable) -> AsyncIterator[None]:
         """A batch call slot on this upstream (`concurrency` of them), shared fairly by batches."""
-        return self._slots[upstream].slot(batch)
+        started = time.perf_counter()
+        async with self._slots[upstream].slot(batch):
+            self.metrics.slot_wait.labels(upstream).observe(time.perf_counter() - started)
+            yield
 
     async def send(self, call: UpstreamCall, budget: ByteBudget | None = None) -> SubResponse:
         """Make one call and read the whole response; raises UpstreamError subclasses only.
@@ -222,23 +265,39 @@ class UpstreamPool:
         """
         started = time.perf_counter()
         status = 0
+        with (
+            self.metrics.upstream_call(call.upstream, call.purpose) as record,
+            self.tracing.client_span(call) as span,
+            self._failures(call.upstream, span),
+        ):
+            try:
+                async with self.connection(call.upstream):
+                    with self._reporting(call.upstream), translate_errors(call.upstream):
+                        async with self._request(call, span) as response:
+                            check_status(call.upstream, response.status)
+                            self._answered(call.upstream)
+                            body = await self._read_capped(call.upstream, response, budget)
+                            status = record.status = response.status
+                            span.set_http_status(status)
+                            return SubResponse(
+                                status=response.status,
+                                reason=safe_reason(response.status, response.reason),
+                                headers=tuple(response.headers.items()),
+                                body=body,
+                            )
+            finally:
+                if self._observe is not None:
+                    self._observe(call.upstream, status, time.perf_counter() - started)
+
+    @contextmanager
+    def _failures(self, upstream: str, span: Span) -> Iterator[None]:
+        """An upstream error counted by kind (and the limit it hit) and recorded on the span."""
         try:
-            async with self.connection(call.upstream):
-                with self._reporting(call.upstream), translate_errors(call.upstream):
-                    async with self._request(call) as response:
-                        check_status(call.upstream, response.status)
-                        self._answered(call.upstream)
-                        body = await self._read_capped(call.upstream, response, budget)
-                        status = response.status
-                        return SubResponse(
-                            status=response.status,
-                            reason=safe_reason(response.status, response.reason),
-                            headers=tuple(response.headers.items()),
-                            body=body,
-                        )
-        finally:
-            if self._observe is not None:
-                self._observe(call.upstream, status, time.perf_counter() - started)
+            yield
+        except UpstreamError as exc:
+            self.metrics.upstream_error(upstream, exc.kind, exc.limit)
+            span.record_failure(exc.kind, exc.detail)
+            raise
 
     @contextmanager
     def _reporting(self, upstream: str, client_body: bool = False) -> Iterator[None]:
@@ -260,7 +319,7 @@ class UpstreamPool:
         if self._on_outcome is not None:
             self._on_outcome(upstream, None)
 
-    def _request(self, call: UpstreamCall) -> Any:
+    def _request(self, call: UpstreamCall, span: Span) -> Any:
         kwargs: dict[str, Any] = {}
         if call.timeout is not None:  # the upstream's own total still caps a per-call timeout
             timeouts = self._config.upstreams[call.upstream].timeouts
@@ -270,7 +329,7 @@ class UpstreamPool:
         return self._sessions[call.upstream].request(
             call.method,
             call.url,
-            headers=list(call.headers),
+            headers=list(span.outgoing_headers(call.headers)),
             data=call.body,
             allow_redirects=False,
             server_hostname=server_name(self._config.upstreams[call.upstream]),
@@ -289,7 +348,7 @@ class UpstreamPool:
                     raise UpstreamError(
                         f"upstream {upstream!r} answered a body over {limit} bytes, "
                         "the batch limit (limits.max_response_bytes)",
-                        maybe_executed=True,
+                        maybe_executed=True, kind="oversize", limit="limits.max_response_bytes",
                     )
                 if budget is not None:
                     budget.take(len(chunk))
@@ -299,7 +358,8 @@ class UpstreamPool:
                 budget.give_back(len(body))
             if isinstance(exc, BudgetExceeded):
                 raise UpstreamError(
-                    f"the answer of upstream {upstream!r} was dropped: {exc}", maybe_executed=True
+                    f"the answer of upstream {upstream!r} was dropped: {exc}", maybe_executed=True,
+                    kind="oversize", limit=exc.limit,
                 ) from None
             raise
         return bytes(body)
@@ -314,16 +374,26 @@ class UpstreamPool:
         connection is held until the caller is done with the response.
         """
         streamed = data is not None and not isinstance(data, bytes)
-        async with self.connection(upstream):
-            with self._reporting(upstream, streamed), translate_errors(upstream):
-                timeouts = self._config.upstreams[upstream].timeouts
-                timeout = aiohttp.ClientTimeout(
-                    total=None, sock_connect=timeouts.connect, sock_read=timeouts.total
-                )
-                async with self._sessions[upstream].request(
-                    method, url, headers=list(headers), data=data, allow_redirects=False,
-                    timeout=timeout, server_hostname=server_name(self._config.upstreams[upstream]),
-                ) as response:
-                    check_status(upstream, response.status)
-                    self._answered(upstream)
-                    yield response
+        call = UpstreamCall(upstream, method, url, headers, purpose="proxy")
+        with (
+            self.metrics.upstream_call(upstream, "proxy") as record,
+            self.tracing.client_span(call) as span,
+            self._failures(upstream, span),
+        ):
+            async with self.connection(upstream):
+                with self._reporting(upstream, streamed), translate_errors(upstream):
+                    timeouts = self._config.upstreams[upstream].timeouts
+                    timeout = aiohttp.ClientTimeout(
+                        total=None, sock_connect=timeouts.connect, sock_read=timeouts.total
+                    )
+                    request = self._sessions[upstream].request(
+                        method, url, headers=list(span.outgoing_headers(headers)), data=data,
+                        allow_redirects=False, timeout=timeout,
+                        server_hostname=server_name(self._config.upstreams[upstream]),
+                    )
+                    async with request as response:
+                        check_status(upstream, response.status)
+                        self._answered(upstream)
+                        record.status = response.status
+                        span.set_http_status(response.status)
+                        yield response

@@ -11,19 +11,23 @@ import asyncio
 import contextlib
 import ctypes
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 
 import structlog
+from prometheus_client import multiprocess
 
 from gateway.atomicity.journal import INSTANCE_VARIABLE
 from gateway.atomicity.recovery import with_recovery
 from gateway.config import GatewayConfig
+from gateway.metrics import MULTIPROC_VARIABLE, RECOVERED_VARIABLE
 
 log = structlog.get_logger("gateway.workers")
 _POLL = 0.2
@@ -63,9 +67,15 @@ class Supervisor:
         self._stopping = False
         self._failed = False
         self._kill_at: float | None = None
+        self._metrics_dir = ""
+        self._owns_metrics_dir = MULTIPROC_VARIABLE not in os.environ
+        self._handover: list[str] = []
+        """Recovery outcomes not yet handed to a worker (it counts them in its metrics)."""
 
     def run(self) -> int:
+        self._metrics_dir = shared_metrics_dir()
         report = asyncio.run(with_recovery(self._config))
+        self._handover = [outcome.value for outcome in report.outcomes.values()]
         if report.outcomes:
             log.warning("recovery_done", batches={k: v.value for k, v in report.outcomes.items()})
         for batch_id, reason in report.needs_operator.items():
@@ -82,12 +92,18 @@ class Supervisor:
             self._kill_stragglers()
             time.sleep(_POLL)
         log.info("workers_stopped", failed=self._failed)
+        if self._owns_metrics_dir:
+            shutil.rmtree(self._metrics_dir, ignore_errors=True)
         return 1 if self._failed else 0
 
     def _spawn(self, slot: Slot) -> None:
         slot.generation += 1
         slot.instance = f"w{slot.index}.{os.getpid()}.{slot.generation}"
-        env = {**os.environ, INSTANCE_VARIABLE: slot.instance}
+        env = {
+            **os.environ, INSTANCE_VARIABLE: slot.instance, MULTIPROC_VARIABLE: self._metrics_dir,
+            RECOVERED_VARIABLE: ",".join(self._handover),  # counted by the worker (one scrape)
+        }
+        self._handover = []
         slot.process = subprocess.Popen(self._command, env=env, preexec_fn=_prepare_worker)
         slot.started, slot.restart_at = time.monotonic(), None
 
@@ -115,6 +131,8 @@ class Supervisor:
                 slot.backoff = _BACKOFF_FIRST if stable else min(slot.backoff * 2, _BACKOFF_MAX)
                 log.error("worker_died", pid=process.pid, code=process.returncode, instance=slot.instance,
                           restart_in_s=slot.backoff)
+                with contextlib.suppress(OSError):  # its live gauges leave the merged scrape
+                    multiprocess.mark_process_dead(process.pid, self._metrics_dir)  # type: ignore[no-untyped-call]
                 self._recover(slot.instance)
                 slot.restart_at = time.monotonic() + slot.backoff
             if slot.restart_at is not None and now >= slot.restart_at:
@@ -126,6 +144,7 @@ class Supervisor:
         """Roll back (or forward) what the dead worker left unfinished; live workers' batches are
         never touched, since each batch is journaled under its worker's instance id."""
         report = asyncio.run(with_recovery(self._config, instance=instance))
+        self._handover += [outcome.value for outcome in report.outcomes.values()]
         log.warning("worker_batches_recovered", instance=instance,
                     batches={k: v.value for k, v in report.outcomes.items()})
         for batch_id, reason in report.needs_operator.items():
@@ -139,6 +158,18 @@ class Supervisor:
                     log.error("worker_killed_after_grace", pid=slot.process.pid)
                     slot.process.kill()
                     self._failed = True
+
+
+def shared_metrics_dir() -> str:
+    """The directory every worker writes its metrics to (PROMETHEUS_MULTIPROC_DIR when the operator
+    set it, else a fresh temporary one); emptied first, since stale files would be summed in."""
+    given = os.environ.get(MULTIPROC_VARIABLE)
+    directory = given or tempfile.mkdtemp(prefix="gateway-metrics-")
+    os.makedirs(directory, exist_ok=True)
+    for name in os.listdir(directory):
+        if name.endswith(".db"):
+            os.unlink(os.path.join(directory, name))
+    return directory
 
 
 def worker_command(config_path: str, log_args: Sequence[str]) -> list[str]:

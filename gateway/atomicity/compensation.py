@@ -138,7 +138,10 @@ def snapshot_call(intent: dict[str, Any], ctx: CallContext) -> UpstreamCall | No
         return None
     path = _gateway_path(spec.snapshot_path, intent, spec, "snapshot path")
     url = ctx.routes.upstream_url(intent["upstream"], Target(path, ""))
-    return UpstreamCall(intent["upstream"], "GET", url, gateway_headers(_intent_headers(intent, ctx), {}))
+    return UpstreamCall(
+        intent["upstream"], "GET", url, gateway_headers(_intent_headers(intent, ctx), {}),
+        purpose="snapshot", item=intent.get("where"),
+    )
 
 
 def template_context(intent: dict[str, Any], outcome: dict[str, Any] | None) -> dict[str, Any]:
@@ -191,7 +194,8 @@ def undo_call(
     elif body is not None:
         extra["Content-Type"] = _header(intent.get("snapshot"), "Content-Type") or "application/octet-stream"
     return UpstreamCall(
-        intent["upstream"], method, url, gateway_headers(_intent_headers(intent, ctx), extra), body
+        intent["upstream"], method, url, gateway_headers(_intent_headers(intent, ctx), extra), body,
+        purpose="undo", item=intent.get("where"),
     )
 
 

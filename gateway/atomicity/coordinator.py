@@ -278,7 +278,6 @@ class AtomicRun:
                 committed = self.txs.begun[:index]
                 return await self._compensate(commit_error=error, committed=committed)
         await self._transition(BatchState.COMMITTED)
-        self._metrics.batches.labels("atomic", "committed").inc()
         return BatchOutcome.COMMITTED, self._journal_note(None)
 
     async def _end(self, upstream: str, *, commit: bool) -> str | None:
@@ -298,6 +297,8 @@ class AtomicRun:
             for upstream in self.txs.begun
             if upstream not in committed
         }
+        for error in self._tx_errors.values():
+            self._metrics.rollbacks.labels("transaction", "undone" if error is None else "undo_failed").inc()
         self._tx_errors.update({u: "its transaction was already committed" for u in committed})
         for position, record in sorted(self.records.items(), key=lambda kv: -kv[1].seq):
             if record.step.strategy is Strategy.COMPENSATION and record.state in ("done", "unknown"):
@@ -306,7 +307,6 @@ class AtomicRun:
         outcome = BatchOutcome.ROLLBACK_INCOMPLETE if problems else BatchOutcome.ROLLED_BACK
         detail = "; ".join(problems) if problems else commit_error or self.abort_reason
         await self._transition(BatchState(outcome.value), detail)
-        self._metrics.batches.labels("atomic", outcome.value).inc()
         return outcome, self._journal_note(detail)
 
     def _journal_note(self, detail: str | None) -> str | None:
@@ -330,6 +330,8 @@ class AtomicRun:
         if record.step.strategy is Strategy.COMPENSATION:
             await self._jot(self._journal.step_undo(self.batch_id, position, state, result.detail))
         self._metrics.rollbacks.labels("compensation", state).inc()
+        if result.attempts > 1:
+            self._metrics.undo_retries.labels(record.intent["upstream"]).inc(result.attempts - 1)
         if not result.done:
             log.error("undo_failed", batch_id=self.batch_id, position=position, detail=result.detail)
         return result

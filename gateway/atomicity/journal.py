@@ -10,10 +10,11 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import signal
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from secrets import token_hex
@@ -142,6 +143,9 @@ class Journal(Protocol):
     A write that cannot be made raises JournalUnavailable.
     """
 
+    observe_write: Callable[[str, int, float], None] | None
+    """Called with (operation, bytes, seconds) after each durable write (metrics)."""
+
     async def open(self) -> None: ...
     async def close(self) -> None: ...
     async def batch_state(
@@ -236,6 +240,8 @@ class SqliteJournal:
         self.sealer = sealer or HeaderSealer(DEFAULT_SENSITIVE_HEADERS)
         self._crash_point = CrashPoint.from_environment()
         self.instance = os.environ.get(INSTANCE_VARIABLE) or None
+        self.observe_write: Callable[[str, int, float], None] | None = None
+        """Called with (operation, bytes, seconds) after each durable write (metrics)."""
 
     async def open(self) -> None:
         try:
@@ -296,6 +302,7 @@ class SqliteJournal:
         """One durable write (plus the secrets it refers to); returns the rows changed."""
         if self._crash_point is not None:
             self._crash_point.writing(batch_id)
+        started = time.perf_counter()
         try:
             if secrets:
                 await self._conn.executemany(
@@ -309,6 +316,9 @@ class SqliteJournal:
             raise JournalUnavailable(f"the journal could not be written: {exc}") from None
         if self._crash_point is not None:
             self._crash_point.written(batch_id)
+        if self.observe_write is not None:
+            size = sum(len(v) for v in (*params, *(secrets or {}).values()) if isinstance(v, str | bytes))
+            self.observe_write(_operation(sql), size, time.perf_counter() - started)
         return cursor.rowcount
 
     async def _rollback_quietly(self) -> None:
@@ -572,6 +582,15 @@ class SqliteJournal:
             await self._rollback_quietly()
             raise JournalUnavailable(f"the journal could not be pruned: {exc}") from None
         return len(ids)
+
+
+_TABLE = re.compile(r"\b(?:INTO|UPDATE|FROM)\s+(\w+)")
+
+
+def _operation(sql: str) -> str:
+    """`insert_steps`, `update_batches`, ...: the metrics label of a write."""
+    table = _TABLE.search(sql)
+    return f"{sql.split(None, 1)[0].lower()}_{table.group(1) if table else 'other'}"
 
 
 def open_journal(config: GatewayConfig, config_file: str = "<config>") -> SqliteJournal:

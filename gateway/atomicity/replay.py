@@ -37,7 +37,8 @@ async def replay_forward(
         if k.lower() != "idempotency-key"
     ]
     body = base64.b64decode(intent.get("body_b64", "")) or None
-    call = UpstreamCall(intent["upstream"], intent["method"], url, (*headers, ("Idempotency-Key", key)), body)
+    call = UpstreamCall(intent["upstream"], intent["method"], url, (*headers, ("Idempotency-Key", key)), body,
+                        purpose="replay", item=intent.get("where"))
     try:
         response = await pool.send(call)
     except UpstreamError:

@@ -61,7 +61,7 @@ def template_call(
         extra = {**extra, "Content-Type": "application/json"}
     return UpstreamCall(
         upstream, template.method, routes.upstream_url(upstream, Target(path, query)),
-        gateway_headers(headers, extra), encoded, timeout=timeout,
+        gateway_headers(headers, extra), encoded, timeout=timeout, purpose=what,
     )
 
 
