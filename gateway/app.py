@@ -43,13 +43,13 @@ from gateway.runtime import (
     PINNED,
     RELAYED,
     REQUEST_ID,
-    ROUTE,
     UPSTREAM,
     Gateway,
     GatewayRef,
     gateway_of,
+    route_label,
 )
-from gateway.tracing import Span, tracing_for
+from gateway.tracing import Span, Tracing, tracing_for
 from gateway.upstream import UpstreamPool
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -112,16 +112,6 @@ def _kind_of(request: web.Request) -> str:
     if request.path == config.batch.multipart_endpoint.path:
         return "batch_multipart"
     return "gateway" if request.path.startswith(config.gateway.prefix + "/") else "proxy"
-
-
-def route_label(request: web.Request) -> str:
-    """The proxy route's prefix, or the gateway endpoint's path template; "" when none matched."""
-    if ROUTE in request:
-        return request[ROUTE]
-    if request.get(KIND, "proxy") == "proxy":
-        return ""  # the catch-all matched but no configured route did
-    resource = request.match_info.route.resource
-    return resource.canonical if resource is not None else ""
 
 
 def _describe(span: Span, request: web.Request) -> None:
@@ -216,7 +206,7 @@ async def openapi(request: web.Request) -> web.Response:
     return web.json_response(doc)
 
 
-def build_gateway(config: GatewayConfig) -> Gateway:
+def build_gateway(config: GatewayConfig, tracing: Tracing | None = None) -> Gateway:
     metrics_ = GatewayMetrics()
     health = UpstreamHealth(config, metrics_)
     pool = UpstreamPool(
@@ -225,7 +215,7 @@ def build_gateway(config: GatewayConfig) -> Gateway:
         observe=health.observer(metrics_.observe_upstream),
         on_outcome=health.record,
         metrics=metrics_,
-        tracing=tracing_for(config),
+        tracing=tracing or tracing_for(config),
     )
     routes = RouteTable(config)
     batches = BatchService(config, routes, pool, metrics_)
@@ -268,12 +258,15 @@ def _warn_reserved(config: GatewayConfig) -> None:
         log.warning("route_partly_shadowed", detail=text)
 
 
-def create_app(config: GatewayConfig, *, recover: bool = True) -> web.Application:
+def create_app(
+    config: GatewayConfig, *, recover: bool = True, tracing: Tracing | None = None
+) -> web.Application:
     """The whole gateway as an aiohttp application (upstream sessions open on start-up).
 
     `recover=False` is for worker processes: their supervisor recovered before starting them.
+    `tracing` replaces the configured one (tests capture spans with it).
     """
-    gateway = build_gateway(config)
+    gateway = build_gateway(config, tracing)
     gateway.extras["recover_on_start"] = recover
     # auto_decompress off: a proxied body reaches the upstream byte for byte as the client sent it
     # (aiohttp would inflate a gzip body and forward it still labelled gzip); the batch endpoints

@@ -104,7 +104,10 @@ class BatchService:
         plan = self.planner.plan(item, outer)
         self._metrics.batch_size.labels(kind).observe(len(plan.calls))
         with self._in_flight_gauge("false"):
-            root = await execute(plan.root, plain_runner(self._pool, self.deadline(), budget, batch_id))
+            runner = plain_runner(
+                self._pool, self.deadline(), budget, batch_id, self._config.logging.subrequest_level
+            )
+            root = await execute(plan.root, runner)
         report = BatchReport(root=root, batch_id=batch_id)
         self._count(plan, report, kind)
         return report

@@ -92,7 +92,8 @@ async def _unordered(batch: PlannedBatch, run_call: CallRunner) -> BatchResult:
 
 
 def plain_runner(
-    pool: UpstreamPool, deadline: Deadline, budget: ByteBudget | None = None, batch: str = ""
+    pool: UpstreamPool, deadline: Deadline, budget: ByteBudget | None = None, batch: str = "",
+    log_level: str = "info",
 ) -> CallRunner:
     """A runner that sends each call as planned, bounded per upstream (slots shared fairly between
     batches, `batch` naming this one), within the deadline."""
@@ -101,15 +102,20 @@ def plain_runner(
         async with pool.bound(planned.upstream, batch):
             started = time.perf_counter()
             outcome = await send_within(pool, planned.call, deadline, budget)
-        log_call(planned, outcome, started)
+        log_call(planned, outcome, started, log_level)
         return ItemResult(outcome)
 
     return run
 
 
-def log_call(planned: PlannedCall, outcome: SubResponse | CallFailure, started: float) -> None:
-    """One log line per sub-request; request id and batch id come from the bound context."""
-    log.info(
+def log_call(
+    planned: PlannedCall, outcome: SubResponse | CallFailure, started: float, level: str = "info"
+) -> None:
+    """One log line per sub-request at `level` (logging.subrequest_level; `off`: none); request id
+    and batch id come from the bound context."""
+    if level == "off":
+        return
+    getattr(log, level)(
         "subrequest",
         item=planned.where,
         position=planned.position,

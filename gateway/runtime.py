@@ -62,3 +62,13 @@ PINNED = web.RequestKey("gateway_now", Gateway)
 def gateway_of(request: web.Request) -> Gateway:
     pinned = request.get(PINNED)
     return pinned if pinned is not None else request.app[GATEWAY_REF].current
+
+
+def route_label(request: web.Request) -> str:
+    """The proxy route's prefix, or the gateway endpoint's path template; "" when none matched."""
+    if ROUTE in request:
+        return request[ROUTE]
+    if request.get(KIND, "proxy") == "proxy":
+        return ""  # the catch-all matched but no configured route did
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else ""

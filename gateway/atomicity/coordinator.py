@@ -213,7 +213,7 @@ class AtomicRun:
                 return CallFailure(503, f"not sent: the journal could not record it ({exc.detail})")
         started = time.perf_counter()
         outcome = await send_within(self._pool, call, self._deadline, self._buffer)
-        log_call(planned, outcome, started)
+        log_call(planned, outcome, started, self._config.logging.subrequest_level)
         await self._record(planned.position, step, intent, outcome)
         return outcome
 
