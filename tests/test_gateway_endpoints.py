@@ -38,15 +38,16 @@ async def test_metrics_are_prometheus_text_counting_requests(gateway: Client) ->
         assert response.content_type == "text/plain"
         text = await response.text()
     families = {family.name: family for family in text_string_to_metric_families(text)}
-    assert "gateway_requests" in families
+    assert "gateway_http_requests" in families
     counted = {
-        (sample.labels["kind"], sample.labels["status"]): sample.value
-        for sample in families["gateway_requests"].samples
-        if sample.name == "gateway_requests_total"
+        (sample.labels["kind"], sample.labels["route"], sample.labels["status_class"],
+         sample.labels["origin"]): sample.value
+        for sample in families["gateway_http_requests"].samples
+        if sample.name == "gateway_http_requests_total"
     }
-    assert counted[("proxy", "200")] == 1
-    assert counted[("proxy", "404")] == 1
-    assert "gateway_upstream_latency_seconds" in families
+    assert counted[("proxy", "/orders", "2xx", "upstream")] == 1
+    assert counted[("proxy", "", "4xx", "gateway")] == 1  # no route: the gateway's own 404
+    assert "gateway_upstream_request_duration_seconds" in families
 
 
 async def test_openapi_document_lists_batch_and_gateway_paths(gateway: Client) -> None:

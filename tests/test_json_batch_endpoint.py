@@ -227,11 +227,17 @@ async def test_outer_headers_reach_every_item_and_an_item_header_replaces_all_ou
     assert second.getall("X-Replaced") == ["item"]
     assert second.getall("X-Own") == ["1", "2"]
     assert second.getall("X-Multi") == ["outer-1", "outer-2"]
-    for seen in (first, second, third):
-        assert seen["X-Request-ID"] == "req-json-headers-1"
+    parent_ids = set()
+    for position, seen in enumerate((first, second, third)):
+        assert seen["X-Request-ID"] == f"req-json-headers-1.{position}"  # joins upstream logs to the batch
         assert seen["X-Forwarded-For"] == "127.0.0.1"
         assert seen["X-Forwarded-Proto"] == "http"
-        assert seen["traceparent"] == OUTER_HEADERS[-1][1]
+        version, trace_id, parent_id, flags = seen["traceparent"].split("-")
+        _, outer_trace, outer_parent, outer_flags = OUTER_HEADERS[-1][1].split("-")
+        assert (version, trace_id, flags) == ("00", outer_trace, outer_flags)  # the client's trace
+        assert parent_id != outer_parent
+        parent_ids.add(parent_id)
+    assert len(parent_ids) == 3  # each call its own span id
 
 
 HIDDEN = (
@@ -309,12 +315,12 @@ async def test_outer_query_applies_to_every_item_and_an_items_own_parameter_wins
     )
 
 
-async def test_a_generated_request_id_is_shared_by_all_items(gateway: Client) -> None:
-    document = batch("Unordered", single("GET", "/echo/1"), single("GET", "/accounts"))
+async def test_a_generated_request_id_is_derived_per_item(gateway: Client) -> None:
+    document = batch("Unordered", single("GET", "/accounts"), single("GET", "/echo/1"))
     async with gateway.post(ENDPOINT, json=document) as response:
         request_id = response.headers["X-Request-ID"]
         answer = await response.json()
-    assert echo_headers(items_of(answer)[0])["X-Request-ID"] == request_id
+    assert echo_headers(items_of(answer)[1])["X-Request-ID"] == f"{request_id}.1"
     assert len(request_id) == 32
 
 

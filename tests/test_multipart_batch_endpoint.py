@@ -223,7 +223,7 @@ async def test_outer_authorization_reaches_every_call_and_a_parts_own_overrides_
     assert second.getall("Authorization") == ["Bearer part-2"]
     assert second.getall("X-Multi") == ["part"]
     for seen in (first, second, fourth, ledger_seen):
-        assert seen["X-Request-ID"] == "req-multipart-1"
+        assert seen["X-Request-ID"].startswith("req-multipart-1.")  # <outer id>.<position>
         assert seen["X-Forwarded-For"] == "127.0.0.1"
         assert "X-Batch-Atomic" not in seen
 

@@ -295,13 +295,13 @@ async def test_an_item_cannot_set_forwarding_headers_or_the_request_id(
     received = sent.items[0].received
     for name, value in GATEWAY_VIEW.items():
         assert received.getall(name) == [value], name
-    assert received.getall("X-Request-ID") == ["outer-id-0001"]
+    assert received.getall("X-Request-ID") == ["outer-id-0001.0"]  # derived: <outer id>.<position>
     assert sent.answer.headers["X-Request-ID"] == "outer-id-0001"
 
     generated = await fmt.send(gateway, [item("GET", "/echo/forged", *FORGED)])
     answer_id = generated.answer.headers["X-Request-ID"]
     assert answer_id != "chosen-by-the-item"
-    assert generated.items[0].received.getall("X-Request-ID") == [answer_id]
+    assert generated.items[0].received.getall("X-Request-ID") == [f"{answer_id}.0"]
 
 
 @pytest.mark.parametrize("header", [("X-Batch-Atomic", "false"), ("X-Batch-Execution", "Unordered"),

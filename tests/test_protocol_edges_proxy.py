@@ -730,7 +730,10 @@ UNPARSABLE = {
 
 
 def protocol_error_count(metrics: str) -> float:
-    match = re.search(r'^gateway_requests_total\{kind="protocol_error",status="400"\} (\S+)$', metrics, re.M)
+    match = re.search(
+        r'^gateway_http_requests_total\{kind="protocol_error",[^}]*status_class="4xx"[^}]*\} (\S+)$',
+        metrics, re.M,
+    )
     return float(match.group(1)) if match else 0.0
 
 

@@ -320,13 +320,22 @@ async def test_unusable_client_request_id_is_replaced(gateway: Client) -> None:
     assert seen.getall("X-Request-ID") == [returned]
 
 
-async def test_traceparent_and_tracestate_pass_through(gateway: Client) -> None:
+async def test_the_upstream_call_is_a_new_span_in_the_clients_trace(gateway: Client) -> None:
     traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-    headers = {"traceparent": traceparent, "tracestate": "vendor=abc"}
+    headers = {"traceparent": traceparent, "tracestate": "vendor=abc", "baggage": "k=v"}
     async with gateway.get("/echo", headers=headers) as response:
         seen = received_headers(await response.json())
-    assert seen["traceparent"] == traceparent
+    version, trace_id, parent_id, flags = seen["traceparent"].split("-")
+    assert (version, trace_id, flags) == ("00", "4bf92f3577b34da6a3ce929d0e0e4736", "01")
+    assert len(parent_id) == 16 and parent_id not in ("00f067aa0ba902b7", "0" * 16)
     assert seen["tracestate"] == "vendor=abc"
+    assert seen["baggage"] == "k=v"
+
+
+async def test_an_invalid_traceparent_is_not_passed_on(gateway: Client) -> None:
+    async with gateway.get("/echo", headers={"traceparent": "00-zz-not-a-trace"}) as response:
+        seen = received_headers(await response.json())
+    assert "traceparent" not in seen
 
 
 async def test_upstream_redirect_is_returned_not_followed(gateway: Client, legacy: TestServer) -> None:
