@@ -217,6 +217,7 @@ def build_gateway(config: GatewayConfig, tracing: Tracing | None = None) -> Gate
         metrics=metrics_,
         tracing=tracing or tracing_for(config),
     )
+    pool.publish_limits()
     routes = RouteTable(config)
     batches = BatchService(config, routes, pool, metrics_)
     return Gateway(

@@ -39,7 +39,7 @@ async def read_body(request: web.Request, limit: int, where: str) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(
             f"batch body is {request.content_length} bytes; the maximum is {limit} bytes",
-            where=where,
+            where=where, limit="limits.max_body_bytes",
         )
     body = bytearray()
     seconds = gateway_of(request).config.proxy.body_timeout
@@ -48,10 +48,14 @@ async def read_body(request: web.Request, limit: int, where: str) -> bytes:
             async for chunk in request.content.iter_chunked(64 * 1024):
                 body.extend(chunk)
                 if len(body) > limit:
-                    raise PayloadTooLarge(f"batch body exceeds the maximum of {limit} bytes", where=where)
+                    raise PayloadTooLarge(
+                        f"batch body exceeds the maximum of {limit} bytes", where=where,
+                        limit="limits.max_body_bytes",
+                    )
     except TimeoutError:
         raise RequestTimeout(
-            f"the batch body did not arrive within {seconds} s (proxy.body_timeout)", where=where
+            f"the batch body did not arrive within {seconds} s (proxy.body_timeout)", where=where,
+            limit="proxy.body_timeout",
         ) from None
     return decoded(request, bytes(body), limit, where)
 
@@ -64,7 +68,9 @@ def decoded(request: web.Request, body: bytes, limit: int, where: str) -> bytes:
     except UnknownCoding as exc:
         raise UnsupportedMediaType(f"{exc} on batch bodies", where="Content-Encoding") from None
     except DecodedTooLarge:
-        raise PayloadTooLarge(f"the decoded batch body is over {limit} bytes", where=where) from None
+        raise PayloadTooLarge(
+            f"the decoded batch body is over {limit} bytes", where=where, limit="limits.max_body_bytes"
+        ) from None
     except UntrustedValue as exc:
         raise ClientError(f"the batch body cannot be decoded: {exc}", where="Content-Encoding") from None
 

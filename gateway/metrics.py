@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gc
 import os
-import platform
 import threading
 import time
 from collections.abc import Iterator
@@ -154,6 +153,7 @@ class GatewayMetrics:
             "(gateway/health.py); no sample while unknown; with workers, the lowest of them",
             ["upstream"], registry=r, multiprocess_mode="livemin",
         )
+        self._published_limits: set[str] = set()
         self._process = _ProcessMetrics(r, self.multiprocess)
 
     # -- upstream calls -------------------------------------------------------------------------
@@ -183,8 +183,12 @@ class GatewayMetrics:
         self.requests.labels("protocol_error", "", "", "other", status_class(status), "gateway").inc()
 
     def set_pool_limits(self, limits: dict[str, int]) -> None:
+        """The configured pool sizes; an upstream a reload removed loses its sample."""
+        for labels in list(self._published_limits - limits.keys()):
+            self.pool_limit.remove(labels)
         for upstream, size in limits.items():
             self.pool_limit.labels(upstream).set(size)
+        self._published_limits = set(limits)
 
     def observe_upstream(self, upstream: str, status: int, seconds: float) -> None:
         """The health observer's hook (see gateway/health.py); counted in `upstream_call`."""
@@ -230,7 +234,16 @@ class _ProcessMetrics:
             prometheus_client.GCCollector(registry=registry)
             prometheus_client.PlatformCollector(registry=registry)
             return
+        self._registry = registry
         self._collector = prometheus_client.ProcessCollector(registry=None)
+        self._lock = threading.Lock()
+        self._gauges: dict[str, Gauge] = {}
+        self._gc: Gauge | None = None
+
+    def _create(self) -> None:
+        """The gauges, made on the first refresh: a process that never serves (the supervisor,
+        recovering) writes no sample of its own."""
+        registry = self._registry
         self._gauges = {
             name: Gauge(name, text, registry=registry, multiprocess_mode="liveall")
             for name, text in (
@@ -246,8 +259,6 @@ class _ProcessMetrics:
             "python_gc_collections", "Worker garbage collections by generation", ["generation"],
             registry=registry, multiprocess_mode="liveall",
         )
-        self._lock = threading.Lock()
-        self._python = platform.python_version()
 
     def refresh(self) -> None:
         """Write this process's current values (with workers: the scraped worker's own; every
@@ -255,6 +266,9 @@ class _ProcessMetrics:
         if not self._shared:
             return
         with self._lock:
+            if self._gc is None:
+                self._create()
+            assert self._gc is not None
             for family in self._collector.collect():
                 for sample in family.samples:
                     gauge = self._gauges.get(sample.name)

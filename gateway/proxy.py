@@ -67,7 +67,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         if stall.seconds is not None:
             raise RequestTimeout(
                 f"the request body stalled for {stall.seconds} s (proxy.body_idle_timeout); "
-                "the upstream call was abandoned"
+                "the upstream call was abandoned", limit="proxy.body_idle_timeout",
             ) from None
         raise
 
@@ -106,7 +106,8 @@ async def read_buffered(request: web.Request, limit: int, seconds: float) -> tup
                 body.extend(chunk)
     except TimeoutError:
         raise RequestTimeout(
-            f"the request body did not arrive within {seconds} s (proxy.body_timeout)"
+            f"the request body did not arrive within {seconds} s (proxy.body_timeout)",
+            limit="proxy.body_timeout",
         ) from None
     return bytes(body), False
 

@@ -63,6 +63,7 @@ async def _next_generation(old: Gateway, config: GatewayConfig) -> Gateway:
         config, observe=health.observer(old.metrics.observe_upstream), on_outcome=health.record
     )
     await pool.start()
+    pool.publish_limits()
     old.extras.setdefault("pools", [old.pool]).append(pool)  # every generation's, closed at shutdown
     batches = BatchService(config, routes, pool, old.metrics, journal=old.batches.journal)
     batches.adopt(old.batches)

@@ -151,13 +151,16 @@ class UpstreamPool:
         self._on_outcome = on_outcome
         self.metrics = metrics or GatewayMetrics()
         self.tracing = tracing or Tracing()
-        self.metrics.set_pool_limits({name: up.pool_size for name, up in config.upstreams.items()})
         self._sessions: dict[str, aiohttp.ClientSession] = {}
         self._slots = {name: FairSlots(up.concurrency) for name, up in config.upstreams.items()}
         self._connections = {
             name: asyncio.Semaphore(up.pool_size) for name, up in config.upstreams.items()
         }
         """One permit per pooled connection: a call waits at most `timeouts.pool` for one."""
+
+    def publish_limits(self) -> None:
+        """Export the pool sizes (a serving gateway's pool; not recovery's, in a supervisor)."""
+        self.metrics.set_pool_limits({name: up.pool_size for name, up in self._config.upstreams.items()})
 
     async def start(self) -> None:
         opening = {n: up for n, up in self._config.upstreams.items() if n not in self._sessions}

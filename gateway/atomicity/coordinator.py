@@ -122,7 +122,8 @@ class AtomicRun:
         if used > self._journal_cap:
             raise PayloadTooLarge(
                 f"the batch's journal record would be {used} bytes, over journal.max_batch_bytes "
-                f"({self._journal_cap}); send fewer or smaller calls, or fewer outer headers"
+                f"({self._journal_cap}); send fewer or smaller calls, or fewer outer headers",
+                limit="journal.max_batch_bytes",
             )
         return used
 
@@ -237,6 +238,7 @@ class AtomicRun:
             return CallFailure(502, f"not sent: the snapshot GET {shown} cannot be restored ({exc})")
         size = len(json.dumps(snapshot))
         if self._journal_used + size > self._journal_cap:
+            self._metrics.limits_hit.labels("journal.max_batch_bytes").inc()
             return CallFailure(
                 413, f"not sent: its snapshot ({size} bytes) would take the batch's journal record "
                 f"over journal.max_batch_bytes ({self._journal_cap})",

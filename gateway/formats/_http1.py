@@ -68,13 +68,13 @@ def _check_head_limits(head: bytes, limits: HeadLimits, where: str) -> None:
     if len(head) > limits.max_bytes:
         raise HeadersTooLarge(
             f"The HTTP request head is {len(head)} bytes. Maximum is {limits.max_bytes} bytes.",
-            where=where,
+            where=where, limit="limits.max_part_header_bytes",
         )
     count = head.count(b"\n") - 2  # minus the request line's and the blank line's ends
     if count > limits.max_headers:
         raise HeadersTooLarge(
             f"Too many request headers. Maximum number of headers is {limits.max_headers}.",
-            where=where,
+            where=where, limit="limits.max_part_headers",
         )
 
 

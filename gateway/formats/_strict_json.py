@@ -129,7 +129,7 @@ def _parse_document(body: bytes, max_depth: int) -> object:
     depth = _nesting_depth(body, max_depth)
     if depth > max_depth:
         detail = f"JSON nested {depth} levels deep. Maximum nesting is {max_depth} levels."
-        raise MalformedBatch(detail, where=ROOT)
+        raise MalformedBatch(detail, where=ROOT, limit="limits.max_depth")
     try:
         document, repeated = _loads(text)
     except _NotJson as exc:

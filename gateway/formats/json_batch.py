@@ -63,7 +63,7 @@ class JsonBatchCodec:
         """Parse and validate a whole request body; a ClientError says where it is wrong."""
         if len(body) > self.limits.max_body_bytes:
             detail = f"Body too large. Maximum body size is {self.limits.max_body_bytes} bytes."
-            raise PayloadTooLarge(detail, where=ROOT)
+            raise PayloadTooLarge(detail, where=ROOT, limit="limits.max_body_bytes")
         document = _parse_document(body, self._max_json_depth)
         return _Reader(self.limits).item(document, ROOT, depth=0)
 
@@ -118,7 +118,7 @@ class _Reader:
         self.calls += 1
         if self.calls > self.limits.max_items:
             detail = f"Too many items. Maximum number of items is {self.limits.max_items}."
-            raise PayloadTooLarge(detail, where=where)
+            raise PayloadTooLarge(detail, where=where, limit="limits.max_items")
         expected = 'SingleItem must be an object with "method" and "operation"'
         obj = _expect_object(value, where, expected)
         _reject_unknown_keys(obj, _SINGLE_KEYS, where, _expected_keys("SingleItem", _SINGLE_KEYS))
@@ -133,7 +133,7 @@ class _Reader:
     def batch(self, value: object, where: str, depth: int) -> Batch:
         if depth > self.limits.max_depth:
             detail = f"Batches nested too deep. Maximum nesting depth is {self.limits.max_depth}."
-            raise MalformedBatch(detail, where=where)
+            raise MalformedBatch(detail, where=where, limit="limits.max_depth")
         expected = 'Batch must be an object with "batch_execution_type" and "items"'
         obj = _expect_object(value, where, expected)
         _reject_unknown_keys(obj, _BATCH_KEYS, where, _expected_keys("Batch", _BATCH_KEYS))
@@ -195,11 +195,11 @@ def _headers(value: object, where: str, limits: BatchLimits) -> Headers:
     )
     if len(pairs) > limits.max_part_headers:
         detail = f"Too many headers. Maximum number of headers is {limits.max_part_headers}."
-        raise HeadersTooLarge(detail, where=where)
+        raise HeadersTooLarge(detail, where=where, limit="limits.max_part_headers")
     size = sum(len(name) + len(text.encode("utf-8")) + 4 for name, text in pairs)  # "N: v\r\n"
     if size > limits.max_part_header_bytes:
         detail = f"Headers too large. Maximum size is {limits.max_part_header_bytes} bytes."
-        raise HeadersTooLarge(detail, where=where)
+        raise HeadersTooLarge(detail, where=where, limit="limits.max_part_header_bytes")
     return pairs
 
 

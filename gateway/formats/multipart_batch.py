@@ -54,7 +54,7 @@ class MultipartBatchCodec:
             raise PayloadTooLarge(
                 f"The batch is {len(body)} bytes. "
                 f"Maximum body size is {self._limits.max_body_bytes} bytes.",
-                where=_BATCH,
+                where=_BATCH, limit="limits.max_body_bytes",
             )
         parts = _split_parts(body, boundary, self._limits.max_items)
         items = tuple(self._decode_part(part, n) for n, part in enumerate(parts, 1))
@@ -172,7 +172,7 @@ def _split_parts(body: bytes, boundary: str, max_parts: int) -> list[bytes]:
         if len(parts) > max_parts:
             raise PayloadTooLarge(
                 f"Too many parts. Maximum number of parts is {max_parts}.",
-                where=f"part {len(parts)}",
+                where=f"part {len(parts)}", limit="limits.max_items",
             )
         delimiter = following
     if not parts:
@@ -249,12 +249,13 @@ def _check_part_header_limits(
 ) -> None:
     if size > limits.max_part_header_bytes:
         raise HeadersTooLarge(
-            f"The part headers exceed {limits.max_part_header_bytes} bytes.", where=where
+            f"The part headers exceed {limits.max_part_header_bytes} bytes.", where=where,
+            limit="limits.max_part_header_bytes",
         )
     if len(lines) > limits.max_part_headers:
         raise HeadersTooLarge(
             f"Too many part headers. Maximum number of headers is {limits.max_part_headers}.",
-            where=where,
+            where=where, limit="limits.max_part_headers",
         )
 
 
