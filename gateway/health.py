@@ -114,8 +114,7 @@ class UpstreamHealth:
                 tracked.state, tracked.since, tracked.down_until = old.state, old.since, old.down_until
                 tracked.consecutive, tracked.last_error = old.consecutive, old.last_error
             elif old.state is not State.UNKNOWN:
-                with contextlib.suppress(KeyError):
-                    self._metrics.upstream_up.remove(name)
+                self._metrics.forget(self._metrics.upstream_up, name)
         self._journal_ok = previous._journal_ok
         previous._successor = self
 

@@ -6,6 +6,7 @@ with `workers: N` every worker writes to PROMETHEUS_MULTIPROC_DIR and one scrape
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import threading
@@ -178,6 +179,13 @@ class GatewayMetrics:
         if limit is not None:
             self.limits_hit.labels(limit).inc()
 
+    def forget(self, gauge: Gauge, *labels: str) -> None:
+        """Drop a gauge's sample. Not possible with workers (prometheus-client's multiprocess
+        files keep it): there a removed upstream's last value stays until the restart."""
+        if not self.multiprocess:
+            with contextlib.suppress(KeyError):
+                gauge.remove(*labels)
+
     def protocol_error(self, status: int) -> None:
         """A request aiohttp could not parse (answered by the gateway's connection guard)."""
         self.requests.labels("protocol_error", "", "", "other", status_class(status), "gateway").inc()
@@ -185,7 +193,7 @@ class GatewayMetrics:
     def set_pool_limits(self, limits: dict[str, int]) -> None:
         """The configured pool sizes; an upstream a reload removed loses its sample."""
         for labels in list(self._published_limits - limits.keys()):
-            self.pool_limit.remove(labels)
+            self.forget(self.pool_limit, labels)
         for upstream, size in limits.items():
             self.pool_limit.labels(upstream).set(size)
         self._published_limits = set(limits)

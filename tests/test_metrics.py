@@ -8,14 +8,18 @@ and reads the samples back with prometheus_client's own parser.
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.app import create_app
+from gateway.atomicity.journal import SqliteJournal
+from gateway.atomicity.state import BatchState
 from gateway.demo.services import FaultRule
-from tests.conftest import MakeGateway, state_of
+from tests.conftest import MakeConfig, MakeGateway, state_of
 
 Client = TestClient[web.Request, web.Application]
 Labels = dict[str, str]
@@ -263,3 +267,16 @@ async def test_a_config_reload_is_counted(make_gateway: MakeGateway) -> None:
     assert not await reload_config(client.app, "/nonexistent/gateway.yaml")
     text = await scrape(client)
     assert value(text, "gateway_config_reloads_total", result="failed") == 1
+
+
+async def test_batches_recovered_at_start_up_are_counted(
+    make_config: MakeConfig, aiohttp_client: Any, tmp_path: Path
+) -> None:
+    config = make_config()
+    journal = SqliteJournal(config.journal.path)
+    await journal.open()
+    await journal.batch_state("b-crashed", BatchState.RUNNING)  # died before its first call
+    await journal.close()
+    client: Client = await aiohttp_client(create_app(config))
+    text = await scrape(client)
+    assert value(text, "gateway_recovered_batches_total", outcome="rolled_back") == 1
