@@ -16,13 +16,13 @@ from importlib import resources
 import structlog
 from aiohttp import HttpVersion, HttpVersion10, HttpVersion11, web
 
-from gateway.access_log import REJECTION, log_access
+from gateway.access_log import FAILURE, REJECTION, install, log_access
 from gateway.atomicity.recovery import Recovery
 from gateway.batch_endpoints import add_batch_routes
 from gateway.batch_lookup import batch_lookup, batch_lookup_by_request
 from gateway.batch_service import BatchService
 from gateway.config import GatewayConfig
-from gateway.errors import BadHttp, ClientError, GatewayError, UnsupportedVersion
+from gateway.errors import BadHttp, ClientError, GatewayError, UnsupportedVersion, UpstreamError
 from gateway.headers import TrustedProxies, new_request_id
 from gateway.health import UpstreamHealth, health_of, readiness
 from gateway.metrics import (
@@ -145,9 +145,10 @@ async def _handle(request: web.Request, handler: Handler) -> web.StreamResponse:
             raise
         request[REJECTION] = _http_exception_error(exc)
         return problem_response(request[REJECTION], request)
-    except Exception:
-        log.exception("request_failed")
-        return problem_response(GatewayError("the gateway failed to handle the request"), request)
+    except Exception as exc:
+        request[FAILURE] = exc  # traceback on the access line: one line per request
+        request[REJECTION] = GatewayError("the gateway failed to handle the request")
+        return problem_response(request[REJECTION], request)
 
 
 def _count(request: web.Request, response: web.StreamResponse, started: float) -> None:
@@ -165,8 +166,8 @@ def _count(request: web.Request, response: web.StreamResponse, started: float) -
         time.perf_counter() - started
     )
     rejection = request.get(REJECTION)
-    if rejection is not None and rejection.limit is not None:
-        metrics.limits_hit.labels(rejection.limit).inc()
+    if rejection is not None and rejection.limit is not None and not isinstance(rejection, UpstreamError):
+        metrics.limits_hit.labels(rejection.limit).inc()  # an upstream call's limit: counted by the pool
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -212,7 +213,6 @@ def build_gateway(config: GatewayConfig, tracing: Tracing | None = None) -> Gate
     pool = UpstreamPool(
         config,
         max_response_bytes=config.batch.limits.max_response_bytes,
-        observe=health.observer(metrics_.observe_upstream),
         on_outcome=health.record,
         metrics=metrics_,
         tracing=tracing or tracing_for(config),
@@ -285,6 +285,7 @@ def create_app(
     add_batch_routes(app, config)
     app.router.add_route("*", "/{tail:.*}", proxy_handler)
     _warn_reserved(config)
+    install(app)  # counts the bytes of streamed answers for the access line
     app.cleanup_ctx.append(_lifecycle)
     return app
 

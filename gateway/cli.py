@@ -247,6 +247,7 @@ async def serve(
     guard = ConnectionGuard(
         listen.header_timeout, listen.max_connections, listen.backlog,
         on_protocol_error=metrics.protocol_error,
+        on_limit=lambda key: metrics.limits_hit.labels(key).inc(),
     )
     guard.install(runner.server)
     tls = listener_context(config)

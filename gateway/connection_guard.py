@@ -38,12 +38,15 @@ class RateLimitedLog:
         self._suppressed: dict[str, int] = {}
 
     def warning(self, event: str, **fields: Any) -> None:
+        self.log("warning", event, **fields)
+
+    def log(self, level: str, event: str, **fields: Any) -> None:
         now = time.monotonic()
         if now - self._last.get(event, -self._interval) < self._interval:
             self._suppressed[event] = self._suppressed.get(event, 0) + 1
             return
         self._last[event] = now
-        log.warning(event, suppressed_since_last=self._suppressed.pop(event, 0), **fields)
+        getattr(log, level)(event, suppressed_since_last=self._suppressed.pop(event, 0), **fields)
 
 
 class ConnectionGuard:
@@ -52,12 +55,15 @@ class ConnectionGuard:
     def __init__(
         self, header_timeout: float, max_connections: int, backlog: int,
         on_protocol_error: Callable[[int], None] | None = None,
+        on_limit: Callable[[str], None] | None = None,
     ) -> None:
         """The effective cap and backlog also fit the file descriptor limit: asyncio accepts up
         to `backlog` connections in one go before any is closed, so both must fit together
         (else accept() fails with EMFILE and asyncio stops accepting for a whole second)."""
         self.header_timeout = header_timeout
         self.on_protocol_error = on_protocol_error
+        self.on_limit = on_limit or (lambda key: None)
+        """Called with the config key of a connection limit each time it closes a connection."""
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         available = max_connections + backlog if soft == resource.RLIM_INFINITY else soft - FD_RESERVE
         self.backlog = max(16, min(backlog, available // 4))
@@ -80,6 +86,7 @@ class ConnectionGuard:
         victim = next((c for c in self._open if c is not handler and c.waiting), None)
         if victim is not None:
             self.closed["evicted"] += 1
+            self.on_limit("listen.max_connections")
             waited = round(time.monotonic() - victim.waiting_since, 1)
             self.log.warning("connection_evicted", reason="listen.max_connections reached",
                              limit=self.max_connections, waited_s=waited)
@@ -87,6 +94,7 @@ class ConnectionGuard:
             victim.force_close()
         else:
             self.closed["refused"] += 1
+            self.on_limit("listen.max_connections")
             self.log.warning("connection_refused", reason="listen.max_connections reached, all busy",
                              limit=self.max_connections)
             self.lost(handler)
@@ -141,6 +149,7 @@ class GuardedRequestHandler(RequestHandler):
         if not self.waiting:
             return
         self._guard.closed["header_timeout"] += 1
+        self._guard.on_limit("listen.header_timeout")
         self._guard.log.warning("connection_closed", reason="listen.header_timeout",
                                 seconds=self._guard.header_timeout)
         self.force_close()
@@ -163,8 +172,16 @@ class GuardedRequestHandler(RequestHandler):
         structured log line with a request id, instead of text/plain and a traceback."""
         request_id = new_request_id()
         detail = " ".join(str(message or exc or HTTPStatus(status).phrase).split())[:300]
-        self._guard.log.warning("protocol_error", status=status, error=type(exc).__name__,
-                                detail=detail, request_id=request_id)
+        # the access line of a request the app never answered: a 4xx is one aiohttp could not
+        # parse (its method and path are unknown); a 5xx is the gateway's own failure, with the
+        # traceback in the `exception` field (a separate event: a burst of 4xx never hides it)
+        level, event, fields = "warning", "protocol_error", {}
+        if status >= 500:
+            level, event = "error", "request_failed"
+            fields = {"method": request.method, "path": request.path, "exc_info": exc}
+        self._guard.log.log(level, event, request_id=request_id, kind="protocol_error", status=status,
+                            status_origin="gateway", client=request.remote,
+                            error=type(exc).__name__, detail=detail, **fields)
         if self._guard.on_protocol_error is not None:
             self._guard.on_protocol_error(status)
         if request.writer.output_size > 0:

@@ -12,7 +12,7 @@ Active, with `health.path`: one task per upstream GETs the path every `health.in
 through the gateway's pool (its sessions, so TLS settings apply) and feeds the same state: a status
 in `health.expect_status` is a success, anything else (another status, any upstream error) a
 failure. Checks are not counted as traffic: a context variable keeps them out of the passive
-record and of the latency histogram.
+record; in the metrics they are upstream calls with `purpose="health_check"`.
 
 `readiness` is the /readyz policy: ready unless shutdown started, start-up recovery has not
 finished, the journal fails a real read, the pools are closed, or an upstream with
@@ -40,7 +40,7 @@ from gateway.errors import UpstreamBusy, UpstreamError, UpstreamTimeout, Upstrea
 from gateway.metrics import GatewayMetrics
 from gateway.routing import RouteTable, Target
 from gateway.runtime import Gateway
-from gateway.upstream import Observer, UpstreamCall, UpstreamPool
+from gateway.upstream import UpstreamCall, UpstreamPool
 
 log = structlog.get_logger("gateway.health")
 
@@ -133,15 +133,6 @@ class UpstreamHealth:
         kind = failure_kind(error)
         if kind is not None:
             self.failed(upstream, kind, error.detail)
-
-    def observer(self, inner: Observer) -> Observer:
-        """`inner` (the metrics' latency observer) for real calls only, not for active checks."""
-
-        def observe(upstream: str, status: int, seconds: float) -> None:
-            if not _IN_CHECK.get():
-                inner(upstream, status, seconds)
-
-        return observe
 
     def succeeded(self, upstream: str) -> None:
         tracked = self._upstreams[upstream]

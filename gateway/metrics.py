@@ -31,7 +31,7 @@ MULTIPROC_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 RECOVERED_VARIABLE = "GATEWAY_RECOVERED_OUTCOMES"
 """Set by the supervisor for a worker: the outcomes of the recovery it ran before starting it."""
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
-_WAIT_BUCKETS = (0.0001, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30)
+_WAIT_BUCKETS = (0.0001, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 30)
 _SIZE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 _BYTES_BUCKETS = (256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -128,7 +128,8 @@ class GatewayMetrics:
             registry=r,
         )
         self.undo_retries = Counter(
-            "gateway_undo_retries", "Undo attempts after the first one", ["upstream"], registry=r,
+            "gateway_undo_retries", "Compensation undo attempts after the first one (transaction "
+            "rollbacks retry too, but are not counted here)", ["upstream"], registry=r,
         )
         self.limits_hit = Counter(
             "gateway_limits_hit", "Requests or calls refused by a configured limit (its config key)",
@@ -198,9 +199,6 @@ class GatewayMetrics:
             self.pool_limit.labels(upstream).set(size)
         self._published_limits = set(limits)
 
-    def observe_upstream(self, upstream: str, status: int, seconds: float) -> None:
-        """The health observer's hook (see gateway/health.py); counted in `upstream_call`."""
-
     def refresh_process(self) -> None:
         self._process.refresh()
 
@@ -232,8 +230,18 @@ class _CallRecord:
 
 
 class _ProcessMetrics:
-    """Process and GC series. In one process the stock collectors; with workers (where custom
-    collectors are not merged) the same values as per-worker gauges (a `pid` label each)."""
+    """Process and GC series. In one process the stock collectors. With workers (custom collectors
+    are not merged) the same names and types: CPU seconds and GC collections as counters summed
+    over workers (each worker adds what it used since its last refresh), memory and descriptors as
+    gauges with a `pid` label per live worker."""
+
+    _GAUGES = (
+        ("process_resident_memory_bytes", "Worker resident memory in bytes"),
+        ("process_virtual_memory_bytes", "Worker virtual memory in bytes"),
+        ("process_open_fds", "Worker open file descriptors"),
+        ("process_max_fds", "Worker file descriptor limit"),
+        ("process_start_time_seconds", "Worker start time (Unix epoch seconds)"),
+    )
 
     def __init__(self, registry: CollectorRegistry, shared: bool) -> None:
         self._shared = shared
@@ -246,41 +254,48 @@ class _ProcessMetrics:
         self._collector = prometheus_client.ProcessCollector(registry=None)
         self._lock = threading.Lock()
         self._gauges: dict[str, Gauge] = {}
-        self._gc: Gauge | None = None
+        self._cpu: Counter | None = None
+        self._gc: Counter | None = None
+        self._seen_cpu = 0.0
+        self._seen_gc: dict[int, int] = {}
 
-    def _create(self) -> None:
-        """The gauges, made on the first refresh: a process that never serves (the supervisor,
+    def _create(self) -> tuple[Counter, Counter]:
+        """The series, made on the first refresh: a process that never serves (the supervisor,
         recovering) writes no sample of its own."""
         registry = self._registry
         self._gauges = {
             name: Gauge(name, text, registry=registry, multiprocess_mode="liveall")
-            for name, text in (
-                ("process_cpu_seconds_total", "Worker CPU time (user and system) in seconds"),
-                ("process_resident_memory_bytes", "Worker resident memory in bytes"),
-                ("process_virtual_memory_bytes", "Worker virtual memory in bytes"),
-                ("process_open_fds", "Worker open file descriptors"),
-                ("process_max_fds", "Worker file descriptor limit"),
-                ("process_start_time_seconds", "Worker start time (Unix epoch seconds)"),
-            )
+            for name, text in self._GAUGES
         }
-        self._gc = Gauge(
-            "python_gc_collections", "Worker garbage collections by generation", ["generation"],
-            registry=registry, multiprocess_mode="liveall",
+        self._cpu = Counter(
+            "process_cpu_seconds", "CPU time (user and system) of all workers in seconds",
+            registry=registry,
         )
+        self._gc = Counter(
+            "python_gc_collections", "Garbage collections of all workers, by generation",
+            ["generation"], registry=registry,
+        )
+        return self._cpu, self._gc
 
     def refresh(self) -> None:
-        """Write this process's current values (with workers: the scraped worker's own; every
+        """Write this process's current values (the scraped worker's own at each scrape; every
         worker also refreshes on its own timer, see gateway/app.py)."""
         if not self._shared:
             return
         with self._lock:
-            if self._gc is None:
+            if self._cpu is None or self._gc is None:
                 self._create()
-            assert self._gc is not None
+            cpu, collections = self._cpu, self._gc
+            assert cpu is not None and collections is not None
             for family in self._collector.collect():
                 for sample in family.samples:
+                    if sample.name == "process_cpu_seconds_total":
+                        cpu.inc(max(0.0, sample.value - self._seen_cpu))
+                        self._seen_cpu = max(self._seen_cpu, sample.value)
                     gauge = self._gauges.get(sample.name)
                     if gauge is not None:
                         gauge.set(sample.value)
             for generation, stats in enumerate(gc.get_stats()):
-                self._gc.labels(str(generation)).set(stats["collections"])
+                done = stats["collections"]
+                collections.labels(str(generation)).inc(max(0, done - self._seen_gc.get(generation, 0)))
+                self._seen_gc[generation] = done

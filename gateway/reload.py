@@ -60,7 +60,7 @@ async def _next_generation(old: Gateway, config: GatewayConfig) -> Gateway:
     routes = RouteTable(config)
     health = UpstreamHealth(config, old.metrics, previous=health_of(old))  # state kept where unchanged
     pool = old.pool.reconfigured(
-        config, observe=health.observer(old.metrics.observe_upstream), on_outcome=health.record
+        config, on_outcome=health.record
     )
     await pool.start()
     pool.publish_limits()

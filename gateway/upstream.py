@@ -29,8 +29,6 @@ from gateway.tracing import Span, Tracing
 
 log = structlog.get_logger("gateway.upstream")
 
-Observer = Callable[[str, int, float], None]
-"""Called with (upstream, status or 0, seconds) after every upstream call."""
 OutcomeHook = Callable[[str, UpstreamError | None], None]
 """Called with (upstream, None) when a call (batch or proxied) got a valid status, or (upstream, error)
 when it ended in one of the gateway's upstream errors: gateway/health.py sorts out the kinds."""
@@ -141,13 +139,12 @@ class UpstreamPool:
     """One keep-alive ClientSession per upstream, plus its concurrency bound for batch calls."""
 
     def __init__(
-        self, config: GatewayConfig, *, max_response_bytes: int, observe: Observer | None = None,
+        self, config: GatewayConfig, *, max_response_bytes: int,
         on_outcome: OutcomeHook | None = None, metrics: GatewayMetrics | None = None,
         tracing: Tracing | None = None,
     ) -> None:
         self._config = config
         self._max_response_bytes = max_response_bytes
-        self._observe = observe
         self._on_outcome = on_outcome
         self.metrics = metrics or GatewayMetrics()
         self.tracing = tracing or Tracing()
@@ -190,14 +187,13 @@ class UpstreamPool:
             )
 
     def reconfigured(
-        self, config: GatewayConfig, *, observe: Observer | None = None,
-        on_outcome: OutcomeHook | None = None,
+        self, config: GatewayConfig, *, on_outcome: OutcomeHook | None = None,
     ) -> UpstreamPool:
         """The pool for a reloaded config: an unchanged upstream keeps its session, slots and
         connection permits (no reconnect storm); changed and new ones get fresh ones on start()."""
         pool = UpstreamPool(
             config, max_response_bytes=config.batch.limits.max_response_bytes,
-            observe=observe or self._observe, on_outcome=on_outcome or self._on_outcome,
+            on_outcome=on_outcome or self._on_outcome,
             metrics=self.metrics, tracing=self.tracing,
         )
         for name, upstream in config.upstreams.items():
@@ -266,31 +262,25 @@ class UpstreamPool:
         With a `budget`, the body's bytes are reserved from it as they arrive (the batch holds
         them until its answer is written); a body that does not fit is an UpstreamError.
         """
-        started = time.perf_counter()
-        status = 0
         with (
             self.metrics.upstream_call(call.upstream, call.purpose) as record,
             self.tracing.client_span(call) as span,
             self._failures(call.upstream, span),
         ):
-            try:
-                async with self.connection(call.upstream):
-                    with self._reporting(call.upstream), translate_errors(call.upstream):
-                        async with self._request(call, span) as response:
-                            check_status(call.upstream, response.status)
-                            self._answered(call.upstream)
-                            body = await self._read_capped(call.upstream, response, budget)
-                            status = record.status = response.status
-                            span.set_http_status(status)
-                            return SubResponse(
-                                status=response.status,
-                                reason=safe_reason(response.status, response.reason),
-                                headers=tuple(response.headers.items()),
-                                body=body,
-                            )
-            finally:
-                if self._observe is not None:
-                    self._observe(call.upstream, status, time.perf_counter() - started)
+            async with self.connection(call.upstream):
+                with self._reporting(call.upstream), translate_errors(call.upstream):
+                    async with self._request(call, span) as response:
+                        check_status(call.upstream, response.status)
+                        self._answered(call.upstream)
+                        body = await self._read_capped(call.upstream, response, budget)
+                        record.status = response.status
+                        span.set_http_status(response.status)
+                        return SubResponse(
+                            status=response.status,
+                            reason=safe_reason(response.status, response.reason),
+                            headers=tuple(response.headers.items()),
+                            body=body,
+                        )
 
     @contextmanager
     def _failures(self, upstream: str, span: Span) -> Iterator[None]:

@@ -10,6 +10,7 @@ limit) are open, the one stuck longest makes room, so `/healthz` answers through
 from __future__ import annotations
 
 import asyncio
+import re
 import resource
 import socket
 import subprocess
@@ -129,3 +130,10 @@ async def test_half_open_connections_are_closed_and_health_checks_keep_answering
     assert log.stat().st_size < 512 * 1024, "closing them is logged at a bounded rate"
     text = log.read_text()
     assert "listen.header_timeout" in text or "listen.max_connections" in text
+    async with aiohttp.ClientSession() as session, session.get(f"{url}/_gateway/metrics") as response:
+        metrics = await response.text()
+    closed = re.findall(
+        r'^gateway_limits_hit_total\{limit="listen\.(?:header_timeout|max_connections)"\} (\S+)$',
+        metrics, re.M,
+    )
+    assert sum(float(v) for v in closed) >= len(sockets)  # every one closed by a limit, counted

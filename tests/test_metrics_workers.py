@@ -35,7 +35,7 @@ def per_worker_proxied(directory: Path) -> dict[int, float]:
     totals: dict[int, float] = {}
     for path in directory.glob("counter_*.db"):
         pid = int(path.stem.split("_")[1])
-        for key, value, _timestamp, _pos in MmapedDict.read_all_values_from_file(str(path)):
+        for key, value, _timestamp, _pos in MmapedDict.read_all_values_from_file(str(path)):  # type: ignore[no-untyped-call]
             _metric, name, labels, _help = json.loads(key)
             if name == "gateway_http_requests_total" and labels.get("kind") == "proxy":
                 totals[pid] = totals.get(pid, 0.0) + value
@@ -60,9 +60,8 @@ async def test_one_scrape_shows_traffic_served_by_both_workers(
         await asyncio.sleep(0.1)
 
     for index in range(REQUESTS):  # a new connection each: SO_REUSEPORT spreads them
-        async with aiohttp.ClientSession() as session:
-            async with session.get(f"{base}/echo/{index}") as response:
-                assert response.status == 200
+        async with aiohttp.ClientSession() as session, session.get(f"{base}/echo/{index}") as response:
+            assert response.status == 200
 
     per_worker = per_worker_proxied(directory)
     assert set(per_worker) == {worker.pid for worker in workers}, per_worker
@@ -70,9 +69,8 @@ async def test_one_scrape_shows_traffic_served_by_both_workers(
     assert not (directory / "counter_999999.db").exists()
 
     for _ in range(6):  # whichever worker answers, the scrape is whole
-        async with aiohttp.ClientSession() as session:
-            async with session.get(f"{base}/_gateway/metrics") as response:
-                text = await response.text()
+        async with aiohttp.ClientSession() as session, session.get(f"{base}/_gateway/metrics") as response:
+            text = await response.text()
         assert proxied_total(text) == REQUESTS
         pids = {
             sample.labels["pid"]
