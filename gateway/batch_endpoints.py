@@ -23,6 +23,7 @@ from gateway.formats.multipart_batch import MultipartBatchCodec
 from gateway.model import BatchReport, ExecutionMode, Item
 from gateway.planning import OuterRequest
 from gateway.runtime import BATCH_ID, KIND, REQUEST_ID, gateway_of
+from gateway.tracing import record_rollback
 
 log = structlog.get_logger("gateway.batch")
 ATOMIC_HEADER = "X-Batch-Atomic"
@@ -130,6 +131,7 @@ async def run_batch(
             report = await service.run(item, outer, batch_id=batch_id, budget=budget, kind=kind)
         if report.atomic_outcome is not None:
             span.set_attribute("gateway.batch.outcome", report.atomic_outcome.value)
+            record_rollback(span, item, report)
         return report
 
 

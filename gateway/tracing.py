@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from gateway.config import GatewayConfig
-from gateway.model import Headers
+from gateway.model import BatchOutcome, BatchReport, Headers, Item, ItemResult, ResultNode, iter_calls
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -55,6 +55,9 @@ class Span:
         tracestate and baggage passed on."""
         return headers
 
+    def add_event(self, name: str, attributes: dict[str, str | int | float | bool]) -> None:
+        """A timestamped event on the span (e.g. one call's rollback status on its batch span)."""
+
 
 class _PassThroughSpan(Span):
     """Tracing off: a traceparent the call carries gets a span id of its own."""
@@ -72,7 +75,8 @@ class _PassThroughSpan(Span):
 
 
 _NOTHING = Span()
-_PASS_THROUGH = _PassThroughSpan()
+PASS_THROUGH: Span = _PassThroughSpan()
+"""The span of a call that is not traced: its traceparent (if any) gets a fresh parent id."""
 
 
 class Tracing:
@@ -94,16 +98,49 @@ class Tracing:
     def client_span(self, call: UpstreamCall) -> Iterator[Span]:
         """The span of one upstream call (sub-request, snapshot, undo, begin/commit/rollback,
         proxied request); `outgoing_headers` gives the headers that carry it."""
-        yield _PASS_THROUGH
+        yield PASS_THROUGH
 
     def shutdown(self) -> None:
         """Flush and stop exporting (at process exit)."""
 
 
 def tracing_for(config: GatewayConfig) -> Tracing:
-    """Tracing as configured; `tracing.enabled` without the `otel` extra is a ConfigError."""
+    """Tracing as configured; `tracing.enabled` without the `otel` extra is a ConfigError (raised
+    by importing gateway/otel.py), as is an OTEL_TRACES_EXPORTER or OTLP protocol it cannot do."""
     if not config.tracing.enabled:
         return Tracing()
     from gateway.otel import OtelTracing  # imported only when asked for: the extra is optional
 
     return OtelTracing(config)
+
+
+def record_rollback(span: Span, item: Item, report: BatchReport) -> None:
+    """On an atomic batch's span: one `gateway.rollback` event per call (its item pointer or part,
+    its rollback status and detail) when the batch did not commit, and the count of each status.
+
+    `item` is the batch as decoded (its calls line up with the report's results, depth first).
+    """
+    if report.atomic_outcome is None:
+        return
+    counts: dict[str, int] = {}
+    detailed = report.atomic_outcome is not BatchOutcome.COMMITTED
+    for call, result in zip(iter_calls(item), _results(report.root), strict=False):
+        if result.rollback is None:
+            continue
+        status = result.rollback.value
+        counts[status] = counts.get(status, 0) + 1
+        if detailed:
+            attributes: dict[str, str | int | float | bool] = {
+                "gateway.item": call.where, "gateway.rollback.status": status,
+            }
+            if result.rollback_detail:
+                attributes["gateway.rollback.detail"] = result.rollback_detail
+            span.add_event("gateway.rollback", attributes)
+    for status, count in sorted(counts.items()):
+        span.set_attribute(f"gateway.batch.calls.{status}", count)
+
+
+def _results(node: ResultNode) -> list[ItemResult]:
+    if isinstance(node, ItemResult):
+        return [node]
+    return [leaf for child in node.items for leaf in _results(child)]
