@@ -82,7 +82,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     response: web.StreamResponse
     pinned = request[PINNED] = request.app[GATEWAY_REF].current  # a reload never changes it now
     pinned.active += 1
-    in_flight = pinned.metrics.requests_in_flight.labels(_kind_of(request))
+    in_flight = pinned.metrics.child(pinned.metrics.requests_in_flight, _kind_of(request))
     in_flight.inc()
     try:
         with pinned.pool.tracing.server_span(request) as span:
@@ -161,8 +161,8 @@ def _count(request: web.Request, response: web.StreamResponse, started: float) -
     method = method_label(request.method)
     cls = status_class(response.status)
     origin = "upstream" if request.get(RELAYED, False) else "gateway"
-    metrics.requests.labels(kind, route, upstream, method, cls, origin).inc()
-    metrics.request_duration.labels(kind, route, upstream, method, cls).observe(
+    metrics.child(metrics.requests, kind, route, upstream, method, cls, origin).inc()
+    metrics.child(metrics.request_duration, kind, route, upstream, method, cls).observe(
         time.perf_counter() - started
     )
     rejection = request.get(REJECTION)

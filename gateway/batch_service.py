@@ -6,6 +6,7 @@ Format-agnostic: the endpoints decode and encode; this module never sees wire by
 from __future__ import annotations
 
 import asyncio
+import collections
 import secrets
 import time
 from collections.abc import Coroutine, Iterator
@@ -180,8 +181,12 @@ class BatchService:
         atomic = report.atomic_outcome is not None
         outcome = report.atomic_outcome.value if report.atomic_outcome is not None else "processed"
         self._metrics.batches.labels(kind, "true" if atomic else "false", outcome).inc()
-        for call, result in zip(plan.calls, iter_results(report.root), strict=True):
-            self._metrics.subrequests.labels(call.upstream, *subrequest_labels(result)).inc()
+        counted = collections.Counter(  # in bulk: one update per distinct series, not per call
+            (call.upstream, *subrequest_labels(result))
+            for call, result in zip(plan.calls, iter_results(report.root), strict=True)
+        )
+        for labels, count in counted.items():
+            self._metrics.child(self._metrics.subrequests, *labels).inc(count)
 
 
 def iter_results(node: ResultNode) -> list[ItemResult]:

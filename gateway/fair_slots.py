@@ -27,13 +27,14 @@ class FairSlots:
 
     @asynccontextmanager
     async def slot(self, batch: Hashable) -> AsyncIterator[None]:
-        await self._acquire(batch)
+        await self.acquire(batch)
         try:
             yield
         finally:
-            self._release(batch)
+            self.release(batch)
 
-    async def _acquire(self, batch: Hashable) -> None:
+    async def acquire(self, batch: Hashable) -> None:
+        """Wait for a slot for `batch`; pair with `release(batch)`."""
         if self.in_use < self.capacity and not self._waiting:
             self._grant(batch)
             return
@@ -43,7 +44,7 @@ class FairSlots:
             await future
         except asyncio.CancelledError:
             if future.done() and not future.cancelled():
-                self._release(batch)  # granted just as it was cancelled: hand the slot on
+                self.release(batch)  # granted just as it was cancelled: hand the slot on
             else:
                 self._forget(batch, future)
             raise
@@ -53,7 +54,7 @@ class FairSlots:
         self._active[batch] = self._active.get(batch, 0) + 1
         self._last_grant[batch] = next(self._ticks)
 
-    def _release(self, batch: Hashable) -> None:
+    def release(self, batch: Hashable) -> None:
         self.in_use -= 1
         self._active[batch] -= 1
         if not self._active[batch]:

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import prometheus_client
 from prometheus_client import (
@@ -156,15 +157,24 @@ class GatewayMetrics:
             ["upstream"], registry=r, multiprocess_mode="livemin",
         )
         self._published_limits: set[str] = set()
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._process = _ProcessMetrics(r, self.multiprocess)
 
     # -- upstream calls -------------------------------------------------------------------------
+
+    def child(self, metric: Counter | Gauge | Histogram, *labels: str) -> Any:
+        """`metric.labels(*labels)`, memoized: the hot path looks each series up once."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     @contextmanager
     def upstream_call(self, upstream: str, purpose: str) -> Iterator[_CallRecord]:
         """Counts one upstream call from start to end: in flight, then its status and duration."""
         record = _CallRecord()
-        gauge = self.upstream_in_flight.labels(upstream, purpose)
+        gauge = self.child(self.upstream_in_flight, upstream, purpose)
         gauge.inc()
         started = time.perf_counter()
         try:
@@ -172,8 +182,8 @@ class GatewayMetrics:
         finally:
             gauge.dec()
             cls = status_class(record.status)
-            self.upstream_calls.labels(upstream, purpose, cls).inc()
-            self.upstream_duration.labels(upstream, purpose, cls).observe(time.perf_counter() - started)
+            self.child(self.upstream_calls, upstream, purpose, cls).inc()
+            self.child(self.upstream_duration, upstream, purpose, cls).observe(time.perf_counter() - started)
 
     def upstream_error(self, upstream: str, kind: str, limit: str | None) -> None:
         self.upstream_errors.labels(upstream, kind).inc()
@@ -186,6 +196,7 @@ class GatewayMetrics:
         if not self.multiprocess:
             with contextlib.suppress(KeyError):
                 gauge.remove(*labels)
+            self._children.pop((id(gauge), labels), None)
 
     def protocol_error(self, status: int) -> None:
         """A request aiohttp could not parse (answered by the gateway's connection guard)."""
@@ -195,6 +206,7 @@ class GatewayMetrics:
         """The configured pool sizes; an upstream a reload removed loses its sample."""
         for labels in list(self._published_limits - limits.keys()):
             self.forget(self.pool_limit, labels)
+            self._children.pop((id(self.pool_limit), (labels,)), None)
         for upstream, size in limits.items():
             self.pool_limit.labels(upstream).set(size)
         self._published_limits = set(limits)

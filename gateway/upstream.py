@@ -9,8 +9,9 @@ import asyncio
 import errno
 import time
 from collections.abc import AsyncIterator, Callable, Hashable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AbstractContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any
 
 import aiohttp
@@ -22,10 +23,10 @@ from gateway.config import GatewayConfig
 from gateway.errors import UpstreamBusy, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from gateway.fair_slots import FairSlots
 from gateway.headers import safe_reason
-from gateway.metrics import GatewayMetrics
+from gateway.metrics import GatewayMetrics, status_class
 from gateway.model import Headers, SubResponse
 from gateway.tls import server_name, upstream_context
-from gateway.tracing import Span, Tracing
+from gateway.tracing import PASS_THROUGH, Span, Tracing
 
 log = structlog.get_logger("gateway.upstream")
 
@@ -239,8 +240,8 @@ class UpstreamPool:
                 f"(pool_size {self._config.upstreams[upstream].pool_size}); not sent"
             ) from None
         finally:
-            self.metrics.pool_wait.labels(upstream).observe(time.perf_counter() - started)
-        in_use = self.metrics.pool_in_use.labels(upstream)
+            self.metrics.child(self.metrics.pool_wait, upstream).observe(time.perf_counter() - started)
+        in_use = self.metrics.child(self.metrics.pool_in_use, upstream)
         in_use.inc()
         try:
             yield
@@ -248,13 +249,9 @@ class UpstreamPool:
             in_use.dec()
             permits.release()
 
-    @asynccontextmanager
-    async def bound(self, upstream: str, batch: Hashable) -> AsyncIterator[None]:
+    def bound(self, upstream: str, batch: Hashable) -> _TimedSlot:
         """A batch call slot on this upstream (`concurrency` of them), shared fairly by batches."""
-        started = time.perf_counter()
-        async with self._slots[upstream].slot(batch):
-            self.metrics.slot_wait.labels(upstream).observe(time.perf_counter() - started)
-            yield
+        return _TimedSlot(self._slots[upstream], batch, self.metrics.child(self.metrics.slot_wait, upstream))
 
     async def send(self, call: UpstreamCall, budget: ByteBudget | None = None) -> SubResponse:
         """Make one call and read the whole response; raises UpstreamError subclasses only.
@@ -262,18 +259,15 @@ class UpstreamPool:
         With a `budget`, the body's bytes are reserved from it as they arrive (the batch holds
         them until its answer is written); a body that does not fit is an UpstreamError.
         """
-        with (
-            self.metrics.upstream_call(call.upstream, call.purpose) as record,
-            self.tracing.client_span(call) as span,
-            self._failures(call.upstream, span),
-        ):
+        with _Metered(self, call) as meter:
+            span = meter.span
             async with self.connection(call.upstream):
                 with self._reporting(call.upstream), translate_errors(call.upstream):
                     async with self._request(call, span) as response:
                         check_status(call.upstream, response.status)
                         self._answered(call.upstream)
                         body = await self._read_capped(call.upstream, response, budget)
-                        record.status = response.status
+                        meter.status = response.status
                         span.set_http_status(response.status)
                         return SubResponse(
                             status=response.status,
@@ -390,3 +384,59 @@ class UpstreamPool:
                         record.status = response.status
                         span.set_http_status(response.status)
                         yield response
+
+
+class _Metered:
+    """One batch-side upstream call in the metrics (in flight, then status class and duration;
+    errors by kind) and in its client span. A class, not a generator: it is on the hot path."""
+
+    __slots__ = ("_call", "_in_flight", "_pool", "_span_cm", "_started", "span", "status")
+
+    def __init__(self, pool: UpstreamPool, call: UpstreamCall) -> None:
+        self._pool, self._call = pool, call
+        self.status = 0
+        self._span_cm: AbstractContextManager[Span] | None = None
+        self.span: Span = PASS_THROUGH
+
+    def __enter__(self) -> _Metered:
+        metrics, call = self._pool.metrics, self._call
+        self._in_flight = metrics.child(metrics.upstream_in_flight, call.upstream, call.purpose)
+        self._in_flight.inc()
+        if self._pool.tracing.enabled:
+            self._span_cm = self._pool.tracing.client_span(call)
+            self.span = self._span_cm.__enter__()
+        self._started = time.perf_counter()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        metrics, call = self._pool.metrics, self._call
+        self._in_flight.dec()
+        cls = status_class(self.status)
+        metrics.child(metrics.upstream_calls, call.upstream, call.purpose, cls).inc()
+        metrics.child(metrics.upstream_duration, call.upstream, call.purpose, cls).observe(
+            time.perf_counter() - self._started
+        )
+        if isinstance(exc, UpstreamError):
+            metrics.upstream_error(call.upstream, exc.kind, exc.limit)
+            self.span.record_failure(exc.kind, exc.detail)
+        if self._span_cm is not None:
+            self._span_cm.__exit__(kind, exc, tb)
+
+
+class _TimedSlot:
+    """A fair batch slot (see fair_slots.py), with the time waited for it in the metrics."""
+
+    __slots__ = ("_batch", "_histogram", "_slots")
+
+    def __init__(self, slots: FairSlots, batch: Hashable, histogram: Any) -> None:
+        self._slots, self._batch, self._histogram = slots, batch, histogram
+
+    async def __aenter__(self) -> None:
+        started = time.perf_counter()
+        await self._slots.acquire(self._batch)
+        self._histogram.observe(time.perf_counter() - started)
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._slots.release(self._batch)
