@@ -37,6 +37,7 @@ from gateway.log import configure_logging
 from gateway.reload import reload_config, watch_file
 from gateway.runtime import GATEWAY, GATEWAY_REF
 from gateway.tls import listener_context
+from gateway.tracing import tracing_for
 
 EXIT_CONFIG = 2
 log = structlog.get_logger("gateway")
@@ -369,6 +370,11 @@ def check_config(path: str) -> int:
     journal = config.journal if config is not None else journal_settings(path)
     if journal is not None:
         problems.extend(_journal_problems(journal, path))
+    if config is not None and config.tracing.enabled:
+        try:  # the otel extra installed, OTEL_TRACES_EXPORTER known: what `serve` will need
+            tracing_for(config).shutdown()
+        except ConfigError as exc:
+            problems.append(exc)
     if problems or config is None:
         for problem in problems:
             print(f"gateway: invalid config: {problem}", file=sys.stderr)

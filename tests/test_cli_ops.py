@@ -588,3 +588,17 @@ def test_kubernetes_example_is_valid_yaml_with_a_valid_gateway_config(tmp_path: 
 def write_text(path: Path, text: str) -> Path:
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def test_check_config_checks_what_tracing_needs_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run: Cli
+) -> None:
+    data = config_data(tmp_path)
+    data["tracing"] = {"enabled": True}
+    path = write_yaml(tmp_path / "gateway.yaml", data)
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
+    assert run("check-config", str(path)) == (0, f"{path}: OK\n", "")
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "zipkin")
+    code, _, err = run("check-config", str(path))
+    assert code == 2
+    assert "OTEL_TRACES_EXPORTER" in err and "zipkin" in err
