@@ -19,7 +19,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -177,7 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check-config":
             return check_config(_config_path(args.file))
         if args.command == "demo":
-            asyncio.run(_demo(args))
+            with asyncio.Runner(loop_factory=loop_factory("auto")) as runner:
+                runner.run(_demo(args))
             return 0
         args.config = _config_path(args.config)
         if args.command == "healthcheck":
@@ -189,11 +190,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "batches":
             return asyncio.run(_batches(config, args))
         if args.worker:
-            asyncio.run(serve(config, recover=False, reuse_port=True, config_path=args.config))
+            run_on_loop(config, serve(config, recover=False, reuse_port=True, config_path=args.config))
             return 0
-        if config.listen.workers > 1:
+        if config.listen.worker_count > 1:
             return _supervise(config, args)
-        asyncio.run(serve(config, config_path=args.config))
+        run_on_loop(config, serve(config, config_path=args.config))
         return 0
     except _NoConfig as exc:
         print(f"gateway: {exc}", file=sys.stderr)
@@ -218,6 +219,29 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 _CUT_OFF = 0.3
 """Seconds before the shutdown deadline at which requests still in flight are cancelled."""
+
+
+def run_on_loop(config: GatewayConfig, main: Coroutine[Any, Any, None]) -> None:
+    """Run `main` on the configured event loop (`listen.loop`); uvloop when asked and installed."""
+    factory = loop_factory(config.listen.loop)
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main)
+
+
+def loop_factory(setting: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop for `uvloop`, and for `auto` when it is importable; None: asyncio's default."""
+    if setting == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if setting == "uvloop":
+            raise ConfigError(
+                "<config>", "listen.loop", "uvloop is not installed (pip install uvloop)"
+            ) from None
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
 
 
 async def serve(
@@ -258,7 +282,8 @@ async def serve(
     )
     await site.start()
     log.info("listening", host=config.listen.host, port=config.listen.port,
-             max_connections=guard.max_connections, backlog=guard.backlog)
+             max_connections=guard.max_connections, backlog=guard.backlog,
+             loop=type(asyncio.get_running_loop()).__module__.split(".")[0])
     tasks: set[asyncio.Task[Any]] = set()
 
     def on_hangup() -> None:

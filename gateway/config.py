@@ -68,8 +68,11 @@ class ListenTls(_Strict):
 class Listen(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
-    workers: int = Field(1, ge=1, le=64)
-    """Worker processes sharing the port (SO_REUSEPORT); 1 serves from the main process."""
+    workers: int | Literal["auto"] = 1
+    """Worker processes sharing the port (SO_REUSEPORT); 1 serves from the main process; `auto`:
+    one per CPU this process may run on."""
+    loop: Literal["auto", "uvloop", "asyncio"] = "auto"
+    """The event loop: `auto` is uvloop where it is installed (a Linux dependency), else asyncio's."""
     header_timeout: float = Field(10.0, gt=0)
     """A connection has this long to send a request's headers (once open or since its last answer)."""
     keepalive_timeout: float = Field(60.0, gt=0)
@@ -82,6 +85,24 @@ class Listen(_Strict):
     the connection idle or stuck in its headers longest is closed to make room."""
     tls: ListenTls | None = None
     """Serve HTTPS with this certificate instead of plain HTTP."""
+
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 1 <= value <= 64:
+            raise ValueError("must be from 1 to 64, or auto")
+        return value
+
+    @property
+    def worker_count(self) -> int:
+        """`workers`, with `auto` resolved to the CPUs this process may use (at most 64)."""
+        if self.workers != "auto":
+            return int(self.workers)
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cpus = os.cpu_count() or 1
+        return max(1, min(64, cpus))
 
 
 class Timeouts(_Strict):

@@ -63,7 +63,7 @@ class Supervisor:
     def __init__(self, config: GatewayConfig, command: Sequence[str]) -> None:
         self._config = config
         self._command = list(command)
-        self._slots = [Slot(index) for index in range(config.listen.workers)]
+        self._slots = [Slot(index) for index in range(config.listen.worker_count)]
         self._stopping = False
         self._failed = False
         self._kill_at: float | None = None
