@@ -12,8 +12,8 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from gateway.config import parse_config
-from gateway.errors import ConfigError
 from gateway.demo.launcher import demo_config_data
+from gateway.errors import ConfigError
 from tests.test_shutdown import free_port, start_gateway
 from tests.test_workers import wait_for_workers
 
