@@ -151,7 +151,7 @@ def stack(workers: int, log_level: str) -> Iterator[Stack]:
         log = tmp / "gateway.log"
         with open(log, "wb") as out:
             gateway = subprocess.Popen(
-                gateway_command(log_level, config, uvloop=False), stdout=out, stderr=subprocess.STDOUT,
+                gateway_command(log_level, config), stdout=out, stderr=subprocess.STDOUT,
                 cwd=tmp,
             )
         procs.append(gateway)

@@ -201,10 +201,10 @@ def stop(proc: subprocess.Popen[Any] | None) -> None:
 
 
 def gateway_config(
-    port: int, upstreams: dict[str, str], journal: str, workers: int = 1
+    port: int, upstreams: dict[str, str], journal: str, workers: int | str = 1, loop: str = "auto"
 ) -> dict[str, Any]:
     return {
-        "listen": {"host": HOST, "port": port, "workers": workers},
+        "listen": {"host": HOST, "port": port, "workers": workers, "loop": loop},
         "upstreams": {
             # figure 1 sends 100 calls at once: the per-upstream bound must not serialise them
             "fast": {"url": upstreams["fast"], "concurrency": 200, "pool_size": 200},
@@ -247,21 +247,13 @@ class Stack:
         return total
 
 
-_UVLOOP_LAUNCH = (
-    "import runpy, sys, uvloop; uvloop.install(); sys.argv[0] = 'gateway'; "
-    "runpy.run_module('gateway', run_name='__main__')"
-)
-
-
-def gateway_command(log_level: str, config: Path, uvloop: bool) -> list[str]:
-    args = ["--log-level", log_level, "--log-json", "serve", "--config", str(config)]
-    if uvloop:  # measure the gateway on uvloop without changing its code
-        return [sys.executable, "-c", _UVLOOP_LAUNCH, *args]
-    return [sys.executable, "-m", "gateway", *args]
+def gateway_command(log_level: str, config: Path) -> list[str]:
+    return [sys.executable, "-m", "gateway", "--log-level", log_level, "--log-json", "serve",
+            "--config", str(config)]
 
 
 @contextmanager
-def stack(log_level: str, uvloop: bool = False, workers: int = 1) -> Iterator[Stack]:
+def stack(log_level: str, loop: str = "auto", workers: int | str = 1) -> Iterator[Stack]:
     tmp = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
     procs: list[subprocess.Popen[Any]] = []
     load: LoadGen | None = None
@@ -278,10 +270,10 @@ def stack(log_level: str, uvloop: bool = False, workers: int = 1) -> Iterator[St
         port = free_port()
         config = tmp / "gateway.yaml"
         journal = str(tmp / "journal.sqlite3")
-        config.write_text(yaml.safe_dump(gateway_config(port, urls, journal, workers)))
+        config.write_text(yaml.safe_dump(gateway_config(port, urls, journal, workers, loop)))
         with open(tmp / "gateway.log", "wb") as log:
             gateway = subprocess.Popen(
-                gateway_command(log_level, config, uvloop), stdout=log, stderr=subprocess.STDOUT, cwd=tmp
+                gateway_command(log_level, config), stdout=log, stderr=subprocess.STDOUT, cwd=tmp
             )
         procs.append(gateway)
         gateway_url = f"http://{HOST}:{port}"
@@ -804,11 +796,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--gateway-log-level", default="INFO",
                         help="the gateway's --log-level (INFO: one access-log line per request)")
     parser.add_argument("--output", default=str(RESULTS), help="markdown file for the results")
-    parser.add_argument("--workers", type=int, default=1,
-                        help="gateway worker processes (listen.workers); figure 6 samples the "
-                        "supervisor's RSS only, so run it with 1")
-    parser.add_argument("--uvloop", action="store_true",
-                        help="run the gateway process on uvloop (must be importable)")
+    parser.add_argument("--workers", default="1",
+                        help="gateway worker processes (listen.workers: a number or auto); a comma "
+                        "list (e.g. 1,auto) runs every figure once per value, reported side by side. "
+                        "Figure 6 samples the supervisor's RSS only, so it runs with 1 worker only")
+    parser.add_argument("--loop", default="auto", choices=("auto", "uvloop", "asyncio"),
+                        help="the gateway's listen.loop (auto: uvloop where installed); a comma list "
+                        "is not supported: run twice to compare")
+    parser.add_argument("--uvloop", action="store_true", help="same as --loop uvloop")
     parser.add_argument("--py-spy", default=None, metavar="DIR",
                         help="sample the gateway with py-spy during each figure; collapsed stacks "
                         "and a top-functions summary go to DIR (py-spy must be on PATH)")
@@ -831,11 +826,20 @@ def main(argv: list[str] | None = None) -> int:
         5: lambda st: figure5(st, sizes, report, install=not args.no_install),
         6: lambda st: figure6(st, sizes, report),
     }
-    with stack(args.gateway_log_level, args.uvloop, args.workers) as st:
-        for number in sorted(only):
-            progress(f"figure {number} ...")
-            with profiled(st, args.py_spy, number):
-                figures[number](st)
+    loop = "uvloop" if args.uvloop else args.loop
+    settings = [w.strip() for w in str(args.workers).split(",") if w.strip()]
+    for workers in settings:
+        first = len(report.rows)
+        with stack(args.gateway_log_level, loop, _workers(workers)) as st:
+            for number in sorted(only):
+                if number == 6 and workers != "1":
+                    continue  # it samples one process's RSS
+                progress(f"figure {number} ({workers} worker(s)) ...")
+                with profiled(st, args.py_spy, number):
+                    figures[number](st)
+        if len(settings) > 1:
+            for row in report.rows[first:]:
+                row.measure = f"{row.measure} [workers {workers}]"
     elapsed = time.monotonic() - started
     text = render(report, sizes, args, elapsed)
     print(text)
@@ -843,6 +847,10 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text + "\n")
     return 0
+
+
+def _workers(text: str) -> int | str:
+    return text if text == "auto" else int(text)
 
 
 def render(report: Report, sizes: Sizes, args: argparse.Namespace, elapsed: float) -> str:
@@ -856,7 +864,7 @@ def render(report: Report, sizes: Sizes, args: argparse.Namespace, elapsed: floa
         f"{elapsed:.0f} s in all.",
         f"Machine: {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, "
         f"Python {platform.python_version()}, aiohttp {aiohttp.__version__}; gateway log level "
-        f"{args.gateway_log_level}{', on uvloop' if args.uvloop else ''}, {args.workers} worker(s). "
+        f"{args.gateway_log_level}, loop {'uvloop' if args.uvloop else args.loop}, workers {args.workers}. "
         "Upstream, gateway and load generator are separate processes.",
         "",
         report.table(),
