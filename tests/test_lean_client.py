@@ -170,7 +170,7 @@ async def test_the_limit_caps_open_connections(app_port: tuple[int, dict[str, ob
 async def test_a_body_not_read_to_the_end_closes_the_connection(
     app_port: tuple[int, dict[str, object]],
 ) -> None:
-    port, seen = app_port
+    port, _ = app_port
     pool = pool_for(port)
     async with await pool.request("GET", "/big/1000000", [], None, read_timeout=5) as r:
         assert len(await r.read_chunk(10)) == 10
@@ -218,9 +218,11 @@ INVALID = {
     "duplicate CL": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nhi",
     "CL list": b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nhi",
     "bad CL": b"HTTP/1.1 200 OK\r\nContent-Length: -2\r\n\r\nhi",
-    "CL and TE": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n",
+    "CL and TE": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 b"2\r\nhi\r\n0\r\n\r\n",
     "TE gzip": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nhi",
-    "TE twice": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "TE twice": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"0\r\n\r\n",
     "bad chunk size": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhi\r\n0\r\n\r\n",
     "chunk overflow": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffffff\r\n",
     "chunk without CRLF": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhiX0\r\n\r\n",
@@ -231,7 +233,8 @@ INVALID = {
     "control in reason": b"HTTP/1.1 200 O\x01K\r\nContent-Length: 0\r\n\r\n",
     "oversized head": b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70_000 + b"\r\nContent-Length: 0\r\n\r\n",
     "too many headers": b"HTTP/1.1 200 OK\r\n" + b"X: a\r\n" * 300 + b"Content-Length: 0\r\n\r\n",
-    "huge trailers": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX: " + b"a" * 70_000 + b"\r\n\r\n",
+    "huge trailers": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX: "
+                     + b"a" * 70_000 + b"\r\n\r\n",
 }
 
 

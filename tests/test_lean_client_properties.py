@@ -4,6 +4,7 @@ parse to exactly what was sent; random requests are read by h11 exactly as they 
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import h11
 from hypothesis import HealthCheck, given, settings
@@ -12,9 +13,10 @@ from hypothesis import strategies as st
 from gateway.lean_client.protocol import DONE, Connection
 from gateway.lean_client.wire import CHUNKED, LAST_CHUNK, build_head, chunk
 
-TOKEN = st.text(alphabet="!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ",
-                min_size=1, max_size=20)
-VALUE = st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7e), max_size=40) | st.builds(lambda a, b: f"{a} {b}", TOKEN, TOKEN)
+TCHAR = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+TOKEN = st.text(alphabet=TCHAR, min_size=1, max_size=20)
+VISIBLE = st.characters(min_codepoint=0x21, max_codepoint=0x7e)
+VALUE = st.text(VISIBLE, max_size=40) | st.builds(lambda a, b: f"{a} {b}", TOKEN, TOKEN)
 FRAMING = {"content-length", "transfer-encoding", "connection", "host"}
 HEADERS = st.lists(st.tuples(TOKEN, VALUE), max_size=12).map(
     lambda pairs: [(n, v) for n, v in pairs if n.lower() not in FRAMING]
@@ -41,19 +43,19 @@ class _Transport(asyncio.Transport):
     def resume_reading(self) -> None:
         pass
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         pass
 
 
 def _split(data: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
-    return [data[a:b] for a, b in zip(points, points[1:], strict=False) if b > a]
+    return [data[a:b] for a, b in itertools.pairwise(points) if b > a]
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     status=st.integers(200, 599).filter(lambda s: s not in (204, 304)),
-    reason=st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7e), max_size=20).map(str.strip),
+    reason=st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7e), max_size=20).map(str.strip),
     headers=HEADERS,
     body=st.binary(max_size=3000),
     chunked=st.booleans(),
@@ -77,7 +79,7 @@ def test_valid_responses_parse_to_what_was_sent(
     loop = asyncio.new_event_loop()
     try:
         conn = Connection(loop, max_head_bytes=1 << 20, max_headers=100)
-        conn.connection_made(_Transport())  # type: ignore[arg-type]
+        conn.connection_made(_Transport())
         conn.begin(head_only=False, request_close=False)
         conn.wrote = True
         for segment in _split(wire, segment_cuts):
@@ -107,7 +109,9 @@ def test_requests_are_read_by_h11_as_given(
     cuts: list[int],
 ) -> None:
     streamed = streamed and body is not None
-    head, length, close = build_head(method, path, headers, "upstream:8080", None if streamed else body, streamed)
+    head, length, close = build_head(
+        method, path, headers, "upstream:8080", None if streamed else body, streamed
+    )
     wire = head
     if streamed:
         assert body is not None and length == CHUNKED
