@@ -17,6 +17,8 @@ from multidict import CIMultiDict
 
 from gateway.errors import MethodRefused, RequestTimeout, UpstreamError
 from gateway.headers import add_forwarding, end_to_end, safe_reason
+from gateway.lean_client import LeanError
+from gateway.lean_upstream import LeanStream
 from gateway.planning import REFUSED_ITEM_METHODS
 from gateway.routing import parse_target
 from gateway.runtime import RELAYED, REQUEST_ID, ROUTE, UPSTREAM, gateway_of
@@ -73,7 +75,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
 
 
 async def _answer(
-    request: web.Request, upstream_response: aiohttp.ClientResponse, upstream: str
+    request: web.Request, upstream_response: aiohttp.ClientResponse | LeanStream, upstream: str
 ) -> web.StreamResponse:
     """Relay the upstream's status, end-to-end headers and body to the client."""
     status = upstream_response.status
@@ -135,7 +137,7 @@ async def _rest_of_body(
 
 
 async def _relay(
-    source: aiohttp.ClientResponse, response: web.StreamResponse, upstream: str
+    source: aiohttp.ClientResponse | LeanStream, response: web.StreamResponse, upstream: str
 ) -> bool:
     """Copy the body chunk by chunk; False when either side broke off (already logged).
 
@@ -145,7 +147,7 @@ async def _relay(
     while True:
         try:
             chunk = await source.content.read(_CHUNK)
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (aiohttp.ClientError, TimeoutError, LeanError) as exc:
             log.warning("upstream_stream_broken", upstream=upstream, error=type(exc).__name__)
             return False
         if not chunk:

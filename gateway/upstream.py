@@ -23,6 +23,8 @@ from gateway.config import GatewayConfig
 from gateway.errors import UpstreamBusy, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from gateway.fair_slots import FairSlots
 from gateway.headers import safe_reason
+from gateway.lean_client import LeanPool, LeanResponse
+from gateway.lean_upstream import LeanStream, lean_errors, lean_pool, utf8_headers
 from gateway.metrics import GatewayMetrics, status_class
 from gateway.model import Headers, SubResponse
 from gateway.tls import server_name, upstream_context
@@ -149,7 +151,7 @@ class UpstreamPool:
         self._on_outcome = on_outcome
         self.metrics = metrics or GatewayMetrics()
         self.tracing = tracing or Tracing()
-        self._sessions: dict[str, aiohttp.ClientSession] = {}
+        self._sessions: dict[str, aiohttp.ClientSession | LeanPool] = {}
         self._slots = {name: FairSlots(up.concurrency) for name, up in config.upstreams.items()}
         self._connections = {
             name: asyncio.Semaphore(up.pool_size) for name, up in config.upstreams.items()
@@ -171,6 +173,9 @@ class UpstreamPool:
                 log.warning("upstream_tls_unverified", upstream=name,
                             detail="tls.verify is false: any certificate is accepted (for testing only)")
             context = contexts[name]
+            if upstream.client == "lean":
+                self._sessions[name] = lean_pool(upstream, context)
+                continue
             connector = aiohttp.TCPConnector(
                 limit=upstream.pool_size, limit_per_host=upstream.pool_size, keepalive_timeout=30,
                 ssl=True if context is None else context,
@@ -261,12 +266,15 @@ class UpstreamPool:
         """
         with _Metered(self, call) as meter:
             span = meter.span
+            client = self._sessions[call.upstream]
+            if isinstance(client, LeanPool):
+                return await self._send_lean(client, call, span, meter, budget)
             async with self.connection(call.upstream):
                 with self._reporting(call.upstream), translate_errors(call.upstream):
                     async with self._request(call, span) as response:
                         check_status(call.upstream, response.status)
                         self._answered(call.upstream)
-                        body = await self._read_capped(call.upstream, response, budget)
+                        body = await self._read_capped(call.upstream, response.content.iter_any(), budget)
                         meter.status = response.status
                         span.set_http_status(response.status)
                         return SubResponse(
@@ -275,6 +283,30 @@ class UpstreamPool:
                             headers=tuple(response.headers.items()),
                             body=body,
                         )
+
+    async def _send_lean(
+        self, client: LeanPool, call: UpstreamCall, span: Span, meter: _Metered, budget: ByteBudget | None
+    ) -> SubResponse:
+        timeouts = self._config.upstreams[call.upstream].timeouts
+        total = timeouts.total if call.timeout is None else min(call.timeout, timeouts.total)
+        async with self.connection(call.upstream):
+            with self._reporting(call.upstream), translate_errors(call.upstream), lean_errors(call.upstream):
+                response = await client.request(
+                    call.method, call.url.raw_path_qs, span.outgoing_headers(call.headers), call.body,
+                    connect_timeout=timeouts.connect, total_timeout=total,
+                )
+                async with response:
+                    check_status(call.upstream, response.status)
+                    self._answered(call.upstream)
+                    body = await self._read_capped(call.upstream, _chunks_of(response), budget)
+                    meter.status = response.status
+                    span.set_http_status(response.status)
+                    return SubResponse(
+                        status=response.status,
+                        reason=safe_reason(response.status, response.reason),
+                        headers=tuple(utf8_headers(response.headers)),
+                        body=body,
+                    )
 
     @contextmanager
     def _failures(self, upstream: str, span: Span) -> Iterator[None]:
@@ -313,7 +345,9 @@ class UpstreamPool:
             kwargs["timeout"] = aiohttp.ClientTimeout(
                 total=min(call.timeout, timeouts.total), sock_connect=timeouts.connect
             )
-        return self._sessions[call.upstream].request(
+        session = self._sessions[call.upstream]
+        assert isinstance(session, aiohttp.ClientSession)
+        return session.request(
             call.method,
             call.url,
             headers=list(span.outgoing_headers(call.headers)),
@@ -324,13 +358,13 @@ class UpstreamPool:
         )
 
     async def _read_capped(
-        self, upstream: str, response: aiohttp.ClientResponse, budget: ByteBudget | None
+        self, upstream: str, chunks: AsyncIterator[bytes], budget: ByteBudget | None
     ) -> bytes:
         """The body in one buffer (linear in its size), within max_response_bytes and the budget."""
         body = bytearray()
         limit = self._max_response_bytes
         try:
-            async for chunk in response.content.iter_any():
+            async for chunk in chunks:
                 if len(body) + len(chunk) > limit:
                     raise UpstreamError(
                         f"upstream {upstream!r} answered a body over {limit} bytes, "
@@ -354,7 +388,7 @@ class UpstreamPool:
     @asynccontextmanager
     async def stream(
         self, upstream: str, method: str, url: URL, headers: Headers, data: Any
-    ) -> AsyncIterator[aiohttp.ClientResponse]:
+    ) -> AsyncIterator[aiohttp.ClientResponse | LeanStream]:
         """Open a streaming call for the plain proxy; the caller reads the body in chunks.
 
         Streams have no total deadline: `timeouts.total` bounds each read instead. The pool
@@ -373,7 +407,21 @@ class UpstreamPool:
                     timeout = aiohttp.ClientTimeout(
                         total=None, sock_connect=timeouts.connect, sock_read=timeouts.total
                     )
-                    request = self._sessions[upstream].request(
+                    client = self._sessions[upstream]
+                    if isinstance(client, LeanPool):
+                        with lean_errors(upstream):
+                            lean = await client.request(
+                                method, url.raw_path_qs, span.outgoing_headers(headers), data,
+                                connect_timeout=timeouts.connect, read_timeout=timeouts.total,
+                            )
+                            async with lean:
+                                check_status(upstream, lean.status)
+                                self._answered(upstream)
+                                record.status = lean.status
+                                span.set_http_status(lean.status)
+                                yield LeanStream(lean)
+                        return
+                    request = client.request(
                         method, url, headers=list(span.outgoing_headers(headers)), data=data,
                         allow_redirects=False, timeout=timeout,
                         server_hostname=server_name(self._config.upstreams[upstream]),
@@ -440,3 +488,8 @@ class _TimedSlot:
 
     async def __aexit__(self, *exc_info: object) -> None:
         self._slots.release(self._batch)
+
+
+async def _chunks_of(response: LeanResponse) -> AsyncIterator[bytes]:
+    while chunk := await response.read_chunk(1 << 20):
+        yield chunk

@@ -73,6 +73,10 @@ class LeanPool:
         return self._open
 
     @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
     def idle_connections(self) -> int:
         return len(self._idle)
 

@@ -7,7 +7,6 @@ It holds one exchange at a time; the pool (pool.py) decides when it is reused.
 from __future__ import annotations
 
 import asyncio
-import re
 from collections import deque
 from typing import Final, cast
 
@@ -24,11 +23,10 @@ BODY: Final = 2
 DONE: Final = 3
 """The final response is complete (its body may still be buffered)."""
 
-HIGH_WATER: Final = 256 * 1024
+HIGH_WATER: Final = 128 * 1024
 """Unread body bytes above which the socket is not read any more (until below LOW_WATER)."""
-LOW_WATER: Final = 64 * 1024
+LOW_WATER: Final = 32 * 1024
 
-_REASON: Final = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
 _PREFIX: Final = b"HTTP/"
 
 
@@ -336,8 +334,8 @@ class Connection(asyncio.Protocol):
         if 100 <= status < 200 and status != 101:
             self._interim = True  # 100 Continue, 103 Early Hints...: skipped (llhttp knows no body)
             return
-        if not _REASON.fullmatch(self._reason):
-            self._stop(InvalidResponse("the reason phrase holds control characters", sent=self.wrote))
+        # a reason phrase is informative only: any bytes llhttp accepts pass here, and callers
+        # that show it replace one holding control characters (gateway.headers.safe_reason)
         self.status = status
         self.version = version
         self._analyze(version, status)
