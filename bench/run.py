@@ -201,15 +201,16 @@ def stop(proc: subprocess.Popen[Any] | None) -> None:
 
 
 def gateway_config(
-    port: int, upstreams: dict[str, str], journal: str, workers: int | str = 1, loop: str = "auto"
+    port: int, upstreams: dict[str, str], journal: str, workers: int | str = 1, loop: str = "auto",
+    client: str = "lean",
 ) -> dict[str, Any]:
     return {
         "listen": {"host": HOST, "port": port, "workers": workers, "loop": loop},
         "upstreams": {
             # figure 1 sends 100 calls at once: the per-upstream bound must not serialise them
-            "fast": {"url": upstreams["fast"], "concurrency": 200, "pool_size": 200},
-            "stream": {"url": upstreams["stream"]},
-            "legacy": {"url": upstreams["legacy"], "infer_compensations": True},
+            "fast": {"url": upstreams["fast"], "concurrency": 200, "pool_size": 200, "client": client},
+            "stream": {"url": upstreams["stream"], "client": client},
+            "legacy": {"url": upstreams["legacy"], "infer_compensations": True, "client": client},
         },
         "routes": [
             {"prefix": "/echo", "upstream": "fast"},
@@ -253,7 +254,9 @@ def gateway_command(log_level: str, config: Path) -> list[str]:
 
 
 @contextmanager
-def stack(log_level: str, loop: str = "auto", workers: int | str = 1) -> Iterator[Stack]:
+def stack(
+    log_level: str, loop: str = "auto", workers: int | str = 1, client: str = "lean"
+) -> Iterator[Stack]:
     tmp = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
     procs: list[subprocess.Popen[Any]] = []
     load: LoadGen | None = None
@@ -270,7 +273,7 @@ def stack(log_level: str, loop: str = "auto", workers: int | str = 1) -> Iterato
         port = free_port()
         config = tmp / "gateway.yaml"
         journal = str(tmp / "journal.sqlite3")
-        config.write_text(yaml.safe_dump(gateway_config(port, urls, journal, workers, loop)))
+        config.write_text(yaml.safe_dump(gateway_config(port, urls, journal, workers, loop, client)))
         with open(tmp / "gateway.log", "wb") as log:
             gateway = subprocess.Popen(
                 gateway_command(log_level, config), stdout=log, stderr=subprocess.STDOUT, cwd=tmp
@@ -804,6 +807,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="the gateway's listen.loop (auto: uvloop where installed); a comma list "
                         "is not supported: run twice to compare")
     parser.add_argument("--uvloop", action="store_true", help="same as --loop uvloop")
+    parser.add_argument("--client", default="lean", choices=("lean", "aiohttp"),
+                        help="the upstreams' HTTP client (upstreams.<n>.client)")
     parser.add_argument("--py-spy", default=None, metavar="DIR",
                         help="sample the gateway with py-spy during each figure; collapsed stacks "
                         "and a top-functions summary go to DIR (py-spy must be on PATH)")
@@ -830,7 +835,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = [w.strip() for w in str(args.workers).split(",") if w.strip()]
     for workers in settings:
         first = len(report.rows)
-        with stack(args.gateway_log_level, loop, _workers(workers)) as st:
+        with stack(args.gateway_log_level, loop, _workers(workers), args.client) as st:
             for number in sorted(only):
                 if number == 6 and workers != "1":
                     continue  # it samples one process's RSS
@@ -864,7 +869,8 @@ def render(report: Report, sizes: Sizes, args: argparse.Namespace, elapsed: floa
         f"{elapsed:.0f} s in all.",
         f"Machine: {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, "
         f"Python {platform.python_version()}, aiohttp {aiohttp.__version__}; gateway log level "
-        f"{args.gateway_log_level}, loop {'uvloop' if args.uvloop else args.loop}, workers {args.workers}. "
+        f"{args.gateway_log_level}, loop {'uvloop' if args.uvloop else args.loop}, workers {args.workers}, "
+        f"client {args.client}. "
         "Upstream, gateway and load generator are separate processes.",
         "",
         report.table(),
