@@ -120,6 +120,15 @@ def _check_item(request: SubRequest) -> None:
             )
 
 
+@dataclass(frozen=True, slots=True)
+class _Inherited:
+    """What every call of a batch inherits: as a multidict (to merge an item's own headers into)
+    and as items (copied as they are for an item with none of its own)."""
+
+    headers: CIMultiDict[str]
+    items: Headers
+
+
 class Planner:
     """Turns a decoded batch into a plan against the route table; raises ClientError subclasses."""
 
@@ -137,11 +146,12 @@ class Planner:
             trusted=outer.trusted_peer,
         )
         calls: list[PlannedCall] = []
-        root = self._node(item, base, outer.raw_query, calls)
-        return BatchPlan(root=root, calls=tuple(calls), base_headers=tuple(base.items()))
+        inherited = _Inherited(base, tuple(base.items()))
+        root = self._node(item, inherited, outer.raw_query, calls)
+        return BatchPlan(root=root, calls=tuple(calls), base_headers=inherited.items)
 
     def _node(
-        self, item: Item, base: CIMultiDict[str], query: str, calls: list[PlannedCall]
+        self, item: Item, base: _Inherited, query: str, calls: list[PlannedCall]
     ) -> PlanNode:
         if isinstance(item, Batch):
             children = tuple(self._node(child, base, query, calls) for child in item.items)
@@ -151,21 +161,28 @@ class Planner:
         return planned
 
     def _call(
-        self, request: SubRequest, base: CIMultiDict[str], query: str, position: int
+        self, request: SubRequest, inherited: _Inherited, query: str, position: int
     ) -> PlannedCall:
         _check_item(request)
         target = parse_target(request.target, request.where)
         target = Target(path=target.path, query=merge_query(query, target.query))
         routed = self._routes.route(request.method, target, request.where)
         own = [(k, v) for k, v in own_headers(request.headers) if k.lower() not in GATEWAY_OWNED]
-        headers = inherit(base, own)
-        if "X-Request-ID" in base:  # <outer id>.<position>: upstream logs join to the batch
-            headers["X-Request-ID"] = f"{base['X-Request-ID']}.{position}"
+        base = inherited.headers
+        if own:
+            merged = inherit(base, own)
+            if "X-Request-ID" in base:  # <outer id>.<position>: upstream logs join to the batch
+                merged["X-Request-ID"] = f"{base['X-Request-ID']}.{position}"
+            headers = tuple(merged.items())
+        else:  # the common case, without copying a multidict per item
+            headers = tuple(
+                (k, f"{v}.{position}") if k == "X-Request-ID" else (k, v) for k, v in inherited.items
+            )
         call = UpstreamCall(
             upstream=routed.upstream,
             method=request.method,
             url=routed.url,
-            headers=tuple(headers.items()),
+            headers=headers,
             body=request.body,
             item=request.where,
         )
