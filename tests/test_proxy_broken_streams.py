@@ -33,10 +33,23 @@ async def _half_body(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def _short_body(request: web.Request) -> web.StreamResponse:
+    """A small answer (read whole before it is relayed) that breaks off after half its body."""
+    response = web.StreamResponse()
+    response.content_length = 2000
+    await response.prepare(request)
+    await response.write(b"x" * 1000)
+    await asyncio.sleep(0.05)
+    if request.transport is not None:
+        request.transport.close()
+    return response
+
+
 @pytest.fixture
 async def breaking_gateway(aiohttp_server: Any, aiohttp_client: Any, tmp_path: Path) -> Client:
     upstream_app = web.Application()
     upstream_app.router.add_get("/half", _half_body)
+    upstream_app.router.add_get("/half/small", _short_body)
     upstream: TestServer = await aiohttp_server(upstream_app)
     config = parse_config(
         {
@@ -84,3 +97,16 @@ async def test_a_client_that_goes_away_mid_download_is_not_blamed_on_the_upstrea
     assert "client_disconnected" in events
     assert "request_rejected" not in events and "upstream_stream_broken" not in events
     assert (await gateway.get("/orders")).status == 200
+
+
+async def test_a_small_answer_that_breaks_off_before_it_is_relayed_is_a_502(
+    breaking_gateway: Client,
+) -> None:
+    """A small answer is read whole first: when it breaks off, nothing was sent to the client
+    yet, so it gets an honest 502 problem instead of a truncated 200."""
+    with capture_logs() as logs:
+        async with breaking_gateway.get("/half/small") as response:
+            assert response.status == 502
+            assert response.content_type == "application/problem+json"
+            assert "'u'" in (await response.json())["detail"]
+    assert any(entry["event"] == "upstream_stream_broken" for entry in logs)
