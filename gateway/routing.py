@@ -78,6 +78,8 @@ _OVERLONG = re.compile(rb"[\xc0\xc1\xf5-\xff]|\xe0[\x80-\x9f]|\xf0[\x80-\x8f]")
 
 
 def _escapes(path: str) -> bool:
+    if "%" not in path:  # visible ASCII (checked first): decoding and NFKC folding change nothing
+        return "\\" in path or any(seg.split(";", 1)[0] in (".", "..") for seg in path.split("/"))
     once = unquote(path)
     twice = unquote(once)
     if any(_OVERLONG.search(unquote_to_bytes(text)) for text in (path, once)):
