@@ -84,15 +84,15 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     pinned.active += 1
     in_flight = pinned.metrics.child(pinned.metrics.requests_in_flight, _kind_of(request))
     in_flight.inc()
+    tracing = pinned.pool.tracing
     try:
-        with pinned.pool.tracing.server_span(request) as span:
-            if request.version not in (HttpVersion10, HttpVersion11):  # HTTP/0.9 ("GET /"), "HTTP/2.0"
-                response = problem_response(_unsupported(request.version), request)
-                response.force_close()
-            else:
-                response = await _handle(request, handler)
-            span.set_http_status(response.status)
-            _describe(span, request)
+        if tracing.enabled:
+            with tracing.server_span(request) as span:
+                response = await _answer(request, handler)
+                span.set_http_status(response.status)
+                _describe(span, request)
+        else:
+            response = await _answer(request, handler)
     finally:
         in_flight.dec()
         pinned.active -= 1
@@ -102,6 +102,14 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     _count(request, response, started)
     log_access(request, response, started)
     return response
+
+
+async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.version not in (HttpVersion10, HttpVersion11):  # HTTP/0.9 ("GET /"), "HTTP/2.0"
+        response = problem_response(_unsupported(request.version), request)
+        response.force_close()
+        return response
+    return await _handle(request, handler)
 
 
 def _kind_of(request: web.Request) -> str:

@@ -10,9 +10,6 @@ import contextlib
 import gc
 import os
 import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import prometheus_client
@@ -170,21 +167,6 @@ class GatewayMetrics:
             found = self._children[key] = metric.labels(*labels)
         return found
 
-    @contextmanager
-    def upstream_call(self, upstream: str, purpose: str) -> Iterator[_CallRecord]:
-        """Counts one upstream call from start to end: in flight, then its status and duration."""
-        record = _CallRecord()
-        gauge = self.child(self.upstream_in_flight, upstream, purpose)
-        gauge.inc()
-        started = time.perf_counter()
-        try:
-            yield record
-        finally:
-            gauge.dec()
-            cls = status_class(record.status)
-            self.child(self.upstream_calls, upstream, purpose, cls).inc()
-            self.child(self.upstream_duration, upstream, purpose, cls).observe(time.perf_counter() - started)
-
     def upstream_error(self, upstream: str, kind: str, limit: str | None) -> None:
         self.upstream_errors.labels(upstream, kind).inc()
         if limit is not None:
@@ -235,10 +217,6 @@ def recovered_by_supervisor() -> list[str]:
     """The outcomes the supervisor's recovery handed to this worker (comma-separated)."""
     text = os.environ.get(RECOVERED_VARIABLE, "")
     return [part for part in text.split(",") if part.isidentifier()]
-
-
-class _CallRecord:
-    status = 0
 
 
 class _ProcessMetrics:

@@ -227,32 +227,10 @@ class UpstreamPool:
             s.closed for s in self._sessions.values()
         )
 
-    @asynccontextmanager
-    async def connection(self, upstream: str) -> AsyncIterator[None]:
+    def connection(self, upstream: str) -> _Permit:
         """A connection of the upstream's pool for one call, or UpstreamBusy (503) after
         `timeouts.pool`: a full pool answers quickly instead of queueing without end."""
-        permits = self._connections[upstream]
-        wait = self._config.upstreams[upstream].timeouts.pool
-        started = time.perf_counter()
-        try:
-            if permits.locked():
-                await asyncio.wait_for(permits.acquire(), wait)
-            else:
-                await permits.acquire()  # free: no timer (the common case, on the hot path)
-        except TimeoutError:
-            raise UpstreamBusy(
-                f"every connection to upstream {upstream!r} stayed busy for {wait} s "
-                f"(pool_size {self._config.upstreams[upstream].pool_size}); not sent"
-            ) from None
-        finally:
-            self.metrics.child(self.metrics.pool_wait, upstream).observe(time.perf_counter() - started)
-        in_use = self.metrics.child(self.metrics.pool_in_use, upstream)
-        in_use.inc()
-        try:
-            yield
-        finally:
-            in_use.dec()
-            permits.release()
+        return _Permit(self, upstream)
 
     def bound(self, upstream: str, batch: Hashable) -> _TimedSlot:
         """A batch call slot on this upstream (`concurrency` of them), shared fairly by batches."""
@@ -396,17 +374,11 @@ class UpstreamPool:
         """
         streamed = data is not None and not isinstance(data, bytes)
         call = UpstreamCall(upstream, method, url, headers, purpose="proxy")
-        with (
-            self.metrics.upstream_call(upstream, "proxy") as record,
-            self.tracing.client_span(call) as span,
-            self._failures(upstream, span),
-        ):
+        with _Metered(self, call) as record:
+            span = record.span
             async with self.connection(upstream):
                 with self._reporting(upstream, streamed), translate_errors(upstream):
                     timeouts = self._config.upstreams[upstream].timeouts
-                    timeout = aiohttp.ClientTimeout(
-                        total=None, sock_connect=timeouts.connect, sock_read=timeouts.total
-                    )
                     client = self._sessions[upstream]
                     if isinstance(client, LeanPool):
                         with lean_errors(upstream):
@@ -419,8 +391,12 @@ class UpstreamPool:
                                 self._answered(upstream)
                                 record.status = lean.status
                                 span.set_http_status(lean.status)
+                                record.count()
                                 yield LeanStream(lean)
                         return
+                    timeout = aiohttp.ClientTimeout(
+                        total=None, sock_connect=timeouts.connect, sock_read=timeouts.total
+                    )
                     request = client.request(
                         method, url, headers=list(span.outgoing_headers(headers)), data=data,
                         allow_redirects=False, timeout=timeout,
@@ -431,6 +407,7 @@ class UpstreamPool:
                         self._answered(upstream)
                         record.status = response.status
                         span.set_http_status(response.status)
+                        record.count()
                         yield response
 
 
@@ -438,13 +415,14 @@ class _Metered:
     """One batch-side upstream call in the metrics (in flight, then status class and duration;
     errors by kind) and in its client span. A class, not a generator: it is on the hot path."""
 
-    __slots__ = ("_call", "_in_flight", "_pool", "_span_cm", "_started", "span", "status")
+    __slots__ = ("_call", "_counted", "_in_flight", "_pool", "_span_cm", "_started", "span", "status")
 
     def __init__(self, pool: UpstreamPool, call: UpstreamCall) -> None:
         self._pool, self._call = pool, call
         self.status = 0
         self._span_cm: AbstractContextManager[Span] | None = None
         self.span: Span = PASS_THROUGH
+        self._counted = False
 
     def __enter__(self) -> _Metered:
         metrics, call = self._pool.metrics, self._call
@@ -461,16 +439,26 @@ class _Metered:
     ) -> None:
         metrics, call = self._pool.metrics, self._call
         self._in_flight.dec()
-        cls = status_class(self.status)
-        metrics.child(metrics.upstream_calls, call.upstream, call.purpose, cls).inc()
-        metrics.child(metrics.upstream_duration, call.upstream, call.purpose, cls).observe(
-            time.perf_counter() - self._started
-        )
+        self.count()
         if isinstance(exc, UpstreamError):
             metrics.upstream_error(call.upstream, exc.kind, exc.limit)
             self.span.record_failure(exc.kind, exc.detail)
         if self._span_cm is not None:
             self._span_cm.__exit__(kind, exc, tb)
+
+
+    def count(self) -> None:
+        """The call's status class and duration, once: at the response head for a proxied call
+        (its body streams at the client's pace), else when the call ends."""
+        if self._counted:
+            return
+        self._counted = True
+        metrics, call = self._pool.metrics, self._call
+        cls = status_class(self.status)
+        metrics.child(metrics.upstream_calls, call.upstream, call.purpose, cls).inc()
+        metrics.child(metrics.upstream_duration, call.upstream, call.purpose, cls).observe(
+            time.perf_counter() - self._started
+        )
 
 
 class _TimedSlot:
@@ -493,3 +481,37 @@ class _TimedSlot:
 async def _chunks_of(response: LeanResponse) -> AsyncIterator[bytes]:
     while chunk := await response.read_chunk(1 << 20):
         yield chunk
+
+
+class _Permit:
+    """One pooled-connection permit of an upstream (see UpstreamPool.connection), with the time
+    waited for it and the connections in use in the metrics. A class: it is on the hot path."""
+
+    __slots__ = ("_in_use", "_permits", "_pool", "_upstream")
+
+    def __init__(self, pool: UpstreamPool, upstream: str) -> None:
+        self._pool, self._upstream = pool, upstream
+        self._permits = pool._connections[upstream]
+
+    async def __aenter__(self) -> None:
+        pool, upstream, permits = self._pool, self._upstream, self._permits
+        wait = pool._config.upstreams[upstream].timeouts.pool
+        started = time.perf_counter()
+        try:
+            if permits.locked():
+                await asyncio.wait_for(permits.acquire(), wait)
+            else:
+                await permits.acquire()  # free: no timer (the common case)
+        except TimeoutError:
+            raise UpstreamBusy(
+                f"every connection to upstream {upstream!r} stayed busy for {wait} s "
+                f"(pool_size {pool._config.upstreams[upstream].pool_size}); not sent"
+            ) from None
+        finally:
+            pool.metrics.child(pool.metrics.pool_wait, upstream).observe(time.perf_counter() - started)
+        self._in_use = pool.metrics.child(pool.metrics.pool_in_use, upstream)
+        self._in_use.inc()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._in_use.dec()
+        self._permits.release()
