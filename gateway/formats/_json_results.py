@@ -145,8 +145,12 @@ def _json_body(body: bytes) -> object:
     return _MISSING if repeated else value
 
 
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+"""One encoder for every answer (json.dumps with options builds a new one per call)."""
+
+
 def _dump(document: dict[str, object]) -> bytes:
-    text = json.dumps(document, ensure_ascii=False, separators=(",", ":"))
+    text = _ENCODER.encode(document)
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError:
@@ -159,7 +163,7 @@ _CHUNK = 64 * 1024
 
 
 def _dumps(value: object) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return _ENCODER.encode(value)
 
 
 def iter_document(root: ResultNode, tail: dict[str, object]) -> Iterator[bytes]:
