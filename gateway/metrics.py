@@ -126,8 +126,8 @@ class GatewayMetrics:
             registry=r,
         )
         self.undo_retries = Counter(
-            "gateway_undo_retries", "Compensation undo attempts after the first one (transaction "
-            "rollbacks retry too, but are not counted here)", ["upstream"], registry=r,
+            "gateway_undo_retries", "Rollback attempts after the first one: compensation undos and "
+            "transaction rollbacks", ["upstream"], registry=r,
         )
         self.limits_hit = Counter(
             "gateway_limits_hit", "Requests or calls refused by a configured limit (its config key)",

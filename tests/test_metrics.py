@@ -280,3 +280,20 @@ async def test_batches_recovered_at_start_up_are_counted(
     client: Client = await aiohttp_client(create_app(config))
     text = await scrape(client)
     assert value(text, "gateway_recovered_batches_total", outcome="rolled_back") == 1
+
+
+async def test_a_transaction_rollback_that_is_retried_counts_its_retries(
+    make_gateway: MakeGateway, ledger: TestServer,
+) -> None:
+    # the rollback (POST /tx/<token>/rollback) answers 503 once, then succeeds
+    state_of(ledger).faults.append(FaultRule(path_prefix="/tx/", method="POST", status=503, times=1))
+    client = await make_gateway(
+        {"batch": {"rollback": {"attempts": 3, "initial_backoff": 0.005, "max_backoff": 0.01}}}
+    )
+    document = batch("Serial", single("POST", "/accounts", {"owner": "x"}), single("GET", "/accounts/404"))
+    async with client.post("/batch/v1", json=document, headers={"X-Batch-Atomic": "true"}) as response:
+        assert response.headers["X-Batch-Outcome"] == "rolled_back"
+    text = await scrape(client)
+    assert value(text, "gateway_upstream_requests_total", upstream="ledger", purpose="rollback") == 2
+    assert value(text, "gateway_undo_retries_total", upstream="ledger") == 1
+    assert state_of(ledger).transactions == {}

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import unquote
 
@@ -183,11 +182,14 @@ async def end_transaction(
             return f"{action} on {upstream!r} answered {response.status}"
         return None
 
-    error = await (attempt() if commit or retry is None else _retried(attempt, retry))
+    if commit or retry is None:
+        error = await attempt()
+    else:
+        error, tries = await with_retries(attempt, retry)
+        if tries > 1:  # the same series as undo retries: both are rollback actions
+            pool.metrics.child(pool.metrics.undo_retries, upstream).inc(tries - 1)
+        if error is not None:
+            error = f"{error} (after {tries} attempts)"
     if error is not None:
         raise TransactionFailed(error, answered[-1] if answered else None)
 
-
-async def _retried(attempt: Callable[[], Awaitable[str | None]], retry: Rollback) -> str | None:
-    error, tries = await with_retries(attempt, retry)
-    return None if error is None else f"{error} (after {tries} attempts)"
