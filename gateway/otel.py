@@ -264,6 +264,8 @@ class OtelTracing(Tracing):
             attributes["server.port"] = url.port
         if call.purpose not in _TOKEN_IN_PATH:
             attributes["url.path"] = url.raw_path
+        if call.path_template is not None:  # e.g. /tx/{token}/rollback: the shape, not the token
+            attributes["url.template"] = call.path_template
         if method == "_OTHER":
             attributes["http.request.method_original"] = call.method[:64]
         if call.item is not None:

@@ -54,6 +54,8 @@ class UpstreamCall:
     rollback, replay, health_check (the proxy's calls are `proxy`)."""
     item: str | None = None
     """The batch item it belongs to (JSON pointer or part number), when there is one."""
+    path_template: str | None = None
+    """The configured template the path was rendered from (transaction calls), for spans."""
 
 
 @contextmanager

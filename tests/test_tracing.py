@@ -321,6 +321,9 @@ async def test_atomic_batch_rolled_back_has_snapshot_undo_begin_and_rollback_spa
         ("undo", "undo DELETE", "legacy", "/Batch/items/0/SingleItem", "/orders/2", 204),
         ("rollback", "rollback POST", "ledger", None, None, 200),  # no url.path: it holds the token
     ])
+    templates = {attrs(s)["gateway.purpose"]: attrs(s).get("url.template") for s in calls}
+    assert templates["rollback"] == "/tx/{token}/rollback"  # the shape of the path, not the token
+    assert templates["begin"] == "/tx" and templates["subrequest"] is None
     failing = next(s for s in calls if attrs(s).get("url.path") == "/orders/404")
     assert failing.status.status_code == StatusCode.ERROR and attrs(failing)["error.type"] == "404"
     assert all(s.status.status_code == StatusCode.UNSET for s in calls if s is not failing)

@@ -61,6 +61,7 @@ def template_call(
     return UpstreamCall(
         upstream, template.method, routes.upstream_url(upstream, Target(path, query)),
         gateway_headers(headers, extra), encoded, timeout=timeout, purpose=what,
+        path_template=template.path.partition("?")[0],
     )
 
 
