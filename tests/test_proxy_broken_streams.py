@@ -7,6 +7,7 @@ connection mid-body leaves the client with a truncated response, not a complete 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,27 +23,24 @@ from gateway.config import parse_config
 Client = TestClient[web.Request, web.Application]
 
 
-async def _half_body(request: web.Request) -> web.StreamResponse:
-    response = web.StreamResponse()
-    response.content_length = 1_000_000
-    await response.prepare(request)
-    await response.write(b"x" * 1000)
-    await asyncio.sleep(0.05)
-    if request.transport is not None:
-        request.transport.close()
-    return response
+def _breaking_off(declared: int) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """A handler that declares `declared` body bytes, sends 1000, then drops the connection."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.content_length = declared
+        await response.prepare(request)
+        await response.write(b"x" * 1000)
+        await asyncio.sleep(0.05)
+        if request.transport is not None:
+            request.transport.close()
+        return response
+
+    return handler
 
 
-async def _short_body(request: web.Request) -> web.StreamResponse:
-    """A small answer (read whole before it is relayed) that breaks off after half its body."""
-    response = web.StreamResponse()
-    response.content_length = 2000
-    await response.prepare(request)
-    await response.write(b"x" * 1000)
-    await asyncio.sleep(0.05)
-    if request.transport is not None:
-        request.transport.close()
-    return response
+_half_body = _breaking_off(1_000_000)  # streamed through
+_short_body = _breaking_off(2000)  # small: read whole before it is relayed
 
 
 @pytest.fixture
