@@ -22,7 +22,14 @@ from gateway.batch_endpoints import add_batch_routes
 from gateway.batch_lookup import batch_lookup, batch_lookup_by_request
 from gateway.batch_service import BatchService
 from gateway.config import GatewayConfig
-from gateway.errors import BadHttp, ClientError, GatewayError, UnsupportedVersion, UpstreamError
+from gateway.errors import (
+    BadHttp,
+    ClientError,
+    GatewayError,
+    MethodRefused,
+    UnsupportedVersion,
+    UpstreamError,
+)
 from gateway.headers import TrustedProxies, new_request_id
 from gateway.health import UpstreamHealth, health_of, readiness
 from gateway.metrics import (
@@ -61,6 +68,8 @@ def problem_response(error: GatewayError, request: web.Request) -> web.Response:
     body = problem_body(error, request_id=request[REQUEST_ID], instance=request.path)
     response = web.Response(status=error.status, body=body, content_type=PROBLEM_JSON)
     response.headers["X-Request-ID"] = request[REQUEST_ID]
+    if isinstance(error, MethodRefused):  # RFC 9110 section 15.5.6: a 405 says what is allowed
+        response.headers["Allow"] = ", ".join(error.allow)
     if BATCH_ID in request:  # the batch ran (or runs): its id lets the client look it up
         response.headers["X-Batch-Id"] = request[BATCH_ID]
     return response
@@ -215,6 +224,11 @@ async def openapi(request: web.Request) -> web.Response:
     return web.json_response(doc)
 
 
+async def _only_get(request: web.Request) -> web.Response:
+    request[KIND] = "gateway"
+    raise MethodRefused(f"{request.path} takes GET and HEAD only", allow=("GET", "HEAD"))
+
+
 def build_gateway(config: GatewayConfig, tracing: Tracing | None = None) -> Gateway:
     metrics_ = GatewayMetrics()
     health = UpstreamHealth(config, metrics_)
@@ -284,12 +298,12 @@ def create_app(
     app[GATEWAY] = gateway
     app[GATEWAY_REF] = GatewayRef(gateway)
     prefix = config.gateway.prefix
-    app.router.add_get(f"{prefix}/healthz", healthz)
-    app.router.add_get(f"{prefix}/readyz", readyz)
-    app.router.add_get(f"{prefix}/metrics", metrics)
-    app.router.add_get(f"{prefix}/openapi.json", openapi)
-    app.router.add_get(f"{prefix}/batches/{{batch_id}}", batch_lookup)
-    app.router.add_get(f"{prefix}/batches", batch_lookup_by_request)
+    for path, handler in (
+        ("healthz", healthz), ("readyz", readyz), ("metrics", metrics), ("openapi.json", openapi),
+        ("batches/{batch_id}", batch_lookup), ("batches", batch_lookup_by_request),
+    ):
+        app.router.add_get(f"{prefix}/{path}", handler)
+        app.router.add_route("*", f"{prefix}/{path}", _only_get)
     add_batch_routes(app, config)
     app.router.add_route("*", "/{tail:.*}", proxy_handler)
     _warn_reserved(config)

@@ -17,7 +17,13 @@ from gateway.atomicity.untrusted import DecodedTooLarge, UnknownCoding, Untruste
 from gateway.batch_service import new_batch_id
 from gateway.budget import ByteBudget
 from gateway.config import BatchEndpoint, GatewayConfig
-from gateway.errors import ClientError, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
+from gateway.errors import (
+    ClientError,
+    MethodRefused,
+    PayloadTooLarge,
+    RequestTimeout,
+    UnsupportedMediaType,
+)
 from gateway.formats.json_batch import JsonBatchCodec
 from gateway.formats.multipart_batch import MultipartBatchCodec
 from gateway.model import BatchReport, ExecutionMode, Item
@@ -214,4 +220,4 @@ def add_batch_routes(app: web.Application, config: GatewayConfig) -> None:
 
 async def _method_not_allowed(request: web.Request) -> web.Response:
     request[KIND] = "batch"
-    raise web.HTTPMethodNotAllowed(request.method, ["POST"])
+    raise MethodRefused(f"the batch endpoint {request.path} takes POST only", allow=("POST",))

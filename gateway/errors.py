@@ -91,11 +91,16 @@ class MixedCredentials(Uncompensable):
 
 
 class MethodRefused(ClientError):
-    """CONNECT or TRACE on a route that does not list it."""
+    """A method the resource does not take (CONNECT or TRACE on a route that does not list it, or
+    anything but the declared methods on the gateway's own endpoints); `allow` becomes `Allow`."""
 
     status = 405
     title = "Method not allowed"
     type_suffix = "method-not-allowed"
+
+    def __init__(self, detail: str, *, allow: tuple[str, ...], where: str | None = None) -> None:
+        super().__init__(detail, where=where)
+        self.allow = allow
 
 
 class RouteNotFound(ClientError):

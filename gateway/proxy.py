@@ -24,6 +24,8 @@ from gateway.routing import parse_target
 from gateway.runtime import RELAYED, REQUEST_ID, ROUTE, UPSTREAM, gateway_of
 
 _CHUNK = 64 * 1024
+PROXIED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+"""What a route without a `methods` list proxies (CONNECT and TRACE need to be listed)."""
 log = structlog.get_logger("gateway.proxy")
 
 
@@ -48,7 +50,8 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     routed = gateway.routes.route(request.method, target)
     if request.method in REFUSED_ITEM_METHODS and request.method not in (routed.route.methods or ()):
         raise MethodRefused(
-            f"{request.method} is proxied only on a route that lists it under methods"
+            f"{request.method} is proxied only on a route that lists it under methods",
+            allow=routed.route.methods or PROXIED_METHODS,
         )
     request[UPSTREAM] = routed.upstream
     request[ROUTE] = routed.route.prefix

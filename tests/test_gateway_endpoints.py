@@ -4,6 +4,7 @@ under a prefix the config can move.
 
 from __future__ import annotations
 
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
@@ -83,3 +84,27 @@ async def test_openapi_follows_configured_batch_paths(make_gateway: MakeGateway)
         paths = set((await response.json())["paths"])
     assert {"/bulk/json", "/bulk/mixed"} <= paths
     assert not {"/batch/v1", "/v1/api/batch"} & paths
+
+
+@pytest.mark.parametrize("path", [*(f"/_gateway/{name}" for name in ENDPOINTS), "/_gateway/batches/b1"])
+@pytest.mark.parametrize("method", ["TRACE", "POST", "DELETE", "PUT"])
+async def test_other_methods_on_the_gateway_s_endpoints_are_405_with_allow(
+    gateway: Client, path: str, method: str
+) -> None:
+    """RFC 9110 section 15.5.6; before, TRACE and the rest fell through to the router's 404."""
+    async with gateway.request(method, path) as response:
+        assert response.status == 405
+        assert response.headers["Allow"] == "GET, HEAD"
+        assert response.content_type == "application/problem+json"
+        assert (await response.json())["status"] == 405
+
+
+@pytest.mark.parametrize("path", ["/batch/v1", "/v1/api/batch"])
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "TRACE"])
+async def test_other_methods_on_the_batch_endpoints_are_405_with_allow_post(
+    gateway: Client, path: str, method: str
+) -> None:
+    async with gateway.request(method, path) as response:
+        assert response.status == 405
+        assert response.headers["Allow"] == "POST"
+        assert response.content_type == "application/problem+json"

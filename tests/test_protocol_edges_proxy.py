@@ -505,7 +505,9 @@ async def test_trace_on_a_route_that_does_not_list_it_is_405_and_never_forwarded
     gateway = await gateway_to(make_gateway, recorder.url)
     async with gateway.request("TRACE", "/echo/x", headers={"Authorization": "Bearer secret"}) as response:
         doc = await problem_of(response, 405)
+        allow = response.headers["Allow"]
     assert doc["type"].endswith("method-not-allowed")
+    assert allow == "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"  # RFC 9110: a 405 says what is
     assert recorder.seen == []
 
 
