@@ -110,6 +110,10 @@ class Timeouts(_Strict):
     total: float = Field(30.0, gt=0)
     pool: float = Field(2.0, gt=0)
     """The longest wait for a free connection of the pool; then 503 upstream-busy."""
+    idle: float = Field(30.0, gt=0)
+    """How long a kept-alive connection to the upstream may stay unused before the gateway closes
+    it. Keep it below the upstream's own idle timeout (Node.js closes after 5 s): a request sent
+    just as the upstream closes its end fails (and is never re-sent once a byte went out)."""
 
 
 class Proxy(_Strict):

@@ -45,7 +45,7 @@ def lean_pool(upstream: Upstream, context: ssl.SSLContext | None) -> LeanPool:
     return LeanPool(
         url.host, url.port, ssl=context if https else None,
         server_hostname=(server_name(upstream) or url.host) if https else None,
-        limit=upstream.pool_size, keepalive_timeout=30.0, host_header=url.raw_authority,
+        limit=upstream.pool_size, keepalive_timeout=upstream.timeouts.idle, host_header=url.raw_authority,
     )
 
 

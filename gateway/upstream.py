@@ -179,7 +179,8 @@ class UpstreamPool:
                 self._sessions[name] = lean_pool(upstream, context)
                 continue
             connector = aiohttp.TCPConnector(
-                limit=upstream.pool_size, limit_per_host=upstream.pool_size, keepalive_timeout=30,
+                limit=upstream.pool_size, limit_per_host=upstream.pool_size,
+                keepalive_timeout=upstream.timeouts.idle,
                 ssl=True if context is None else context,
             )
             timeout = aiohttp.ClientTimeout(
