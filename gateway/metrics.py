@@ -188,7 +188,6 @@ class GatewayMetrics:
         """The configured pool sizes; an upstream a reload removed loses its sample."""
         for labels in list(self._published_limits - limits.keys()):
             self.forget(self.pool_limit, labels)
-            self._children.pop((id(self.pool_limit), (labels,)), None)
         for upstream, size in limits.items():
             self.pool_limit.labels(upstream).set(size)
         self._published_limits = set(limits)
@@ -198,11 +197,10 @@ class GatewayMetrics:
 
     def render(self) -> bytes:
         """The exposition text: this process's registry, or every worker's series merged."""
+        self._process.refresh()
         directory = multiprocess_dir()
         if directory is None:
-            self._process.refresh()
             return generate_latest(self.registry)
-        self._process.refresh()
         merged = CollectorRegistry()
         multiprocess.MultiProcessCollector(merged, path=directory)  # type: ignore[no-untyped-call]
         return generate_latest(merged)

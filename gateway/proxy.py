@@ -27,6 +27,8 @@ _CHUNK = 64 * 1024
 PROXIED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 """What a route without a `methods` list proxies (CONNECT and TRACE need to be listed)."""
 log = structlog.get_logger("gateway.proxy")
+_BROKEN_READ = (aiohttp.ClientError, TimeoutError, LeanError)
+"""What reading an upstream's body raises when it breaks off, with either client."""
 
 
 def forward_headers(request: web.Request) -> CIMultiDict[str]:
@@ -139,7 +141,7 @@ async def _read_exactly(
                 break
             parts.append(chunk)
             got += len(chunk)
-    except (aiohttp.ClientError, TimeoutError, LeanError) as exc:
+    except _BROKEN_READ as exc:
         log.warning("upstream_stream_broken", upstream=upstream, error=type(exc).__name__)
         return None
     if got != length:
@@ -204,7 +206,7 @@ async def _relay(
     while True:
         try:
             chunk = await source.content.read(_CHUNK)
-        except (aiohttp.ClientError, TimeoutError, LeanError) as exc:
+        except _BROKEN_READ as exc:
             log.warning("upstream_stream_broken", upstream=upstream, error=type(exc).__name__)
             return False
         if not chunk:

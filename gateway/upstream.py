@@ -1,6 +1,5 @@
-"""Upstream client sessions (one pooled ClientSession per upstream) and the one `send` call.
-
-aiohttp client exceptions are translated here into UpstreamUnavailable / UpstreamTimeout.
+"""Upstream clients (one keep-alive pool per upstream: the lean client or aiohttp's ClientSession),
+the one `send` call and the proxy's `stream`; client exceptions become the gateway's UpstreamErrors.
 """
 
 from __future__ import annotations
@@ -141,7 +140,8 @@ def check_status(upstream: str, status: int) -> None:
 
 
 class UpstreamPool:
-    """One keep-alive ClientSession per upstream, plus its concurrency bound for batch calls."""
+    """One keep-alive client per upstream (`client: lean|aiohttp`), plus its concurrency bound for
+    batch calls."""
 
     def __init__(
         self, config: GatewayConfig, *, max_response_bytes: int,
@@ -253,51 +253,37 @@ class UpstreamPool:
             async with self.connection(call.upstream):
                 with self._reporting(call.upstream), translate_errors(call.upstream):
                     async with self._request(call, span) as response:
-                        check_status(call.upstream, response.status)
-                        self._answered(call.upstream)
+                        self._accept(call.upstream, response.status)
                         body = await self._read_capped(call.upstream, response.content.iter_any(), budget)
-                        meter.status = response.status
-                        span.set_http_status(response.status)
-                        return SubResponse(
-                            status=response.status,
-                            reason=safe_reason(response.status, response.reason),
-                            headers=tuple(response.headers.items()),
-                            body=body,
-                        )
+                        return _whole_answer(meter, response.status, response.reason,
+                                       tuple(response.headers.items()), body)
 
     async def _send_lean(
         self, client: LeanPool, call: UpstreamCall, span: Span, meter: _Metered, budget: ByteBudget | None
     ) -> SubResponse:
         timeouts = self._config.upstreams[call.upstream].timeouts
-        total = timeouts.total if call.timeout is None else min(call.timeout, timeouts.total)
         async with self.connection(call.upstream):
             with self._reporting(call.upstream), translate_errors(call.upstream), lean_errors(call.upstream):
                 response = await client.request(
                     call.method, call.url.raw_path_qs, span.outgoing_headers(call.headers), call.body,
-                    connect_timeout=timeouts.connect, total_timeout=total,
+                    connect_timeout=timeouts.connect, total_timeout=self._total(call),
                 )
                 async with response:
-                    check_status(call.upstream, response.status)
-                    self._answered(call.upstream)
+                    self._accept(call.upstream, response.status)
                     body = await self._read_capped(call.upstream, _chunks_of(response), budget)
-                    meter.status = response.status
-                    span.set_http_status(response.status)
-                    return SubResponse(
-                        status=response.status,
-                        reason=safe_reason(response.status, response.reason),
-                        headers=tuple(utf8_headers(response.headers)),
-                        body=body,
-                    )
+                    return _whole_answer(meter, response.status, response.reason,
+                                   tuple(utf8_headers(response.headers)), body)
 
-    @contextmanager
-    def _failures(self, upstream: str, span: Span) -> Iterator[None]:
-        """An upstream error counted by kind (and the limit it hit) and recorded on the span."""
-        try:
-            yield
-        except UpstreamError as exc:
-            self.metrics.upstream_error(upstream, exc.kind, exc.limit)
-            span.record_failure(exc.kind, exc.detail)
-            raise
+    def _total(self, call: UpstreamCall) -> float:
+        """The call's total timeout: its own (the batch deadline's share), capped by the upstream's."""
+        total = self._config.upstreams[call.upstream].timeouts.total
+        return total if call.timeout is None else min(call.timeout, total)
+
+    def _accept(self, upstream: str, status: int) -> None:
+        """A response head arrived: its status must be final (check_status), and it counts as an
+        answer for the upstream's health."""
+        check_status(upstream, status)
+        self._answered(upstream)
 
     @contextmanager
     def _reporting(self, upstream: str, client_body: bool = False) -> Iterator[None]:
@@ -322,9 +308,8 @@ class UpstreamPool:
     def _request(self, call: UpstreamCall, span: Span) -> Any:
         kwargs: dict[str, Any] = {}
         if call.timeout is not None:  # the upstream's own total still caps a per-call timeout
-            timeouts = self._config.upstreams[call.upstream].timeouts
             kwargs["timeout"] = aiohttp.ClientTimeout(
-                total=min(call.timeout, timeouts.total), sock_connect=timeouts.connect
+                total=self._total(call), sock_connect=self._config.upstreams[call.upstream].timeouts.connect
             )
         session = self._sessions[call.upstream]
         assert isinstance(session, aiohttp.ClientSession)
@@ -390,11 +375,8 @@ class UpstreamPool:
                                 connect_timeout=timeouts.connect, read_timeout=timeouts.total,
                             )
                             async with lean:
-                                check_status(upstream, lean.status)
-                                self._answered(upstream)
-                                record.status = lean.status
-                                span.set_http_status(lean.status)
-                                record.count()
+                                self._accept(upstream, lean.status)
+                                record.head(lean.status)
                                 yield LeanStream(lean)
                         return
                     timeout = aiohttp.ClientTimeout(
@@ -406,17 +388,14 @@ class UpstreamPool:
                         server_hostname=server_name(self._config.upstreams[upstream]),
                     )
                     async with request as response:
-                        check_status(upstream, response.status)
-                        self._answered(upstream)
-                        record.status = response.status
-                        span.set_http_status(response.status)
-                        record.count()
+                        self._accept(upstream, response.status)
+                        record.head(response.status)
                         yield response
 
 
 class _Metered:
-    """One batch-side upstream call in the metrics (in flight, then status class and duration;
-    errors by kind) and in its client span. A class, not a generator: it is on the hot path."""
+    """One upstream call in the metrics (in flight, then status class and duration; errors by kind,
+    and the limit they hit) and in its client span. A class, not a generator: it is on the hot path."""
 
     __slots__ = ("_call", "_counted", "_in_flight", "_pool", "_span_cm", "_started", "span", "status")
 
@@ -449,6 +428,12 @@ class _Metered:
         if self._span_cm is not None:
             self._span_cm.__exit__(kind, exc, tb)
 
+    def head(self, status: int) -> None:
+        """A proxied call's response head: its status, and its metrics counted now (the body
+        streams at the client's pace)."""
+        self.status = status
+        self.span.set_http_status(status)
+        self.count()
 
     def count(self) -> None:
         """The call's status class and duration, once: at the response head for a proxied call
@@ -479,6 +464,15 @@ class _TimedSlot:
 
     async def __aexit__(self, *exc_info: object) -> None:
         self._slots.release(self._batch)
+
+
+def _whole_answer(
+    meter: _Metered, status: int, reason: str | None, headers: Headers, body: bytes
+) -> SubResponse:
+    """A batch-side call's whole answer, its status recorded once the body was read."""
+    meter.status = status
+    meter.span.set_http_status(status)
+    return SubResponse(status=status, reason=safe_reason(status, reason), headers=headers, body=body)
 
 
 async def _chunks_of(response: LeanResponse) -> AsyncIterator[bytes]:
