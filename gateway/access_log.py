@@ -25,7 +25,7 @@ import structlog
 from aiohttp import web
 
 from gateway.errors import GatewayError
-from gateway.runtime import BATCH_ID, KIND, RELAYED, REQUEST_ID, UPSTREAM, gateway_of, route_label
+from gateway.runtime import BATCH_ID, REQUEST_ID, Served, gateway_of
 
 log = structlog.get_logger("gateway.access")
 REJECTION = web.RequestKey("rejection", GatewayError)
@@ -70,19 +70,21 @@ def install(app: web.Application) -> None:
         app.on_response_prepare.append(count_bytes_out)
 
 
-def log_access(request: web.Request, response: web.StreamResponse, started: float) -> None:
+def log_access(
+    request: web.Request, response: web.StreamResponse, started: float, done: Served
+) -> None:
     rejection = request.get(REJECTION)
     fields: dict[str, Any] = {
         "request_id": request[REQUEST_ID],
         "method": request.method,
         "path": request.path,
         "query": redact_query(_raw_query(request), _secret_names(request)),
-        "route": route_label(request),
-        "kind": request.get(KIND, "proxy"),
-        "upstream": request.get(UPSTREAM),
+        "route": done.route,
+        "kind": done.kind,
+        "upstream": done.upstream,
         "batch_id": request.get(BATCH_ID),
         "status": response.status,
-        "status_origin": "upstream" if request.get(RELAYED, False) else "gateway",
+        "status_origin": done.origin,
         "client": request.remote,
         "user_agent": request.headers.get("User-Agent"),
         "bytes_in": request.content.total_bytes,

@@ -48,13 +48,14 @@ from gateway.runtime import (
     GATEWAY_REF,
     KIND,
     PINNED,
-    RELAYED,
     REQUEST_ID,
     UPSTREAM,
     Gateway,
     GatewayRef,
+    Served,
     gateway_of,
     route_label,
+    served,
 )
 from gateway.tracing import Span, Tracing, tracing_for
 from gateway.upstream import UpstreamPool
@@ -108,8 +109,9 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         structlog.contextvars.unbind_contextvars("request_id", "batch_id")
     if not response.prepared:
         response.headers.setdefault("X-Request-ID", request[REQUEST_ID])
-    _count(request, response, started)
-    log_access(request, response, started)
+    done = served(request)  # computed once for the metrics and the access line
+    _count(request, response, started, done)
+    log_access(request, response, started, done)
     return response
 
 
@@ -168,17 +170,16 @@ async def _handle(request: web.Request, handler: Handler) -> web.StreamResponse:
         return problem_response(request[REJECTION], request)
 
 
-def _count(request: web.Request, response: web.StreamResponse, started: float) -> None:
+def _count(
+    request: web.Request, response: web.StreamResponse, started: float, done: Served
+) -> None:
     """The request's counter and duration; `origin` says whether the upstream or the gateway
     chose the status (a proxied answer relayed, or the gateway's own)."""
     metrics = gateway_of(request).metrics
-    kind = request.get(KIND, "proxy")
-    route = route_label(request)
-    upstream = request.get(UPSTREAM, "")
+    kind, route, upstream = done.kind, done.route, done.upstream or ""
     method = method_label(request.method)
     cls = status_class(response.status)
-    origin = "upstream" if request.get(RELAYED, False) else "gateway"
-    metrics.child(metrics.requests, kind, route, upstream, method, cls, origin).inc()
+    metrics.child(metrics.requests, kind, route, upstream, method, cls, done.origin).inc()
     metrics.child(metrics.request_duration, kind, route, upstream, method, cls).observe(
         time.perf_counter() - started
     )

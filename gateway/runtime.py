@@ -64,6 +64,26 @@ def gateway_of(request: web.Request) -> Gateway:
     return pinned if pinned is not None else request.app[GATEWAY_REF].current
 
 
+@dataclass(frozen=True, slots=True)
+class Served:
+    """What a finished request was, as both the metrics and the access line name it."""
+
+    kind: str
+    route: str
+    upstream: str | None
+    origin: str
+    """upstream: the status was relayed from the upstream; gateway: the gateway answered."""
+
+
+def served(request: web.Request) -> Served:
+    return Served(
+        kind=request.get(KIND, "proxy"),
+        route=route_label(request),
+        upstream=request.get(UPSTREAM),
+        origin="upstream" if request.get(RELAYED, False) else "gateway",
+    )
+
+
 def route_label(request: web.Request) -> str:
     """The proxy route's prefix, or the gateway endpoint's path template; "" when none matched."""
     if ROUTE in request:
