@@ -78,9 +78,8 @@ def translate_errors(upstream: str) -> Iterator[None]:
         ) from exc
     except aiohttp.ClientConnectorError as exc:
         _log_detail(upstream, exc)
-        raise UpstreamUnavailable(
-            f"upstream {upstream!r} is unreachable ({_reason(exc)})", kind=_kind(exc)
-        ) from exc
+        kind, reason = _classify(exc)
+        raise UpstreamUnavailable(f"upstream {upstream!r} is unreachable ({reason})", kind=kind) from exc
     except ValueError as exc:  # aiohttp refused to build the request (URL, header): nothing was sent
         _log_detail(upstream, exc)
         raise UpstreamError(
@@ -89,39 +88,28 @@ def translate_errors(upstream: str) -> Iterator[None]:
         ) from exc
     except aiohttp.ClientError as exc:
         _log_detail(upstream, exc)
+        kind, reason = _classify(exc)
         raise UpstreamUnavailable(
-            f"connection to upstream {upstream!r} failed ({_reason(exc)})", maybe_executed=True,
-            kind=_kind(exc),
+            f"connection to upstream {upstream!r} failed ({reason})", maybe_executed=True, kind=kind,
         ) from exc
 
 
-def _kind(exc: aiohttp.ClientError) -> str:
-    """The metrics label of a client error (gateway_upstream_errors_total{kind})."""
-    if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
-        return "tls"
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return "connect"
-    if isinstance(exc, aiohttp.ClientResponseError):
-        return "invalid_response"
-    return "reset"
-
-
-def _reason(exc: Exception) -> str:
-    """A stable, address-free reason for a client error."""
+def _classify(exc: aiohttp.ClientError) -> tuple[str, str]:
+    """(the metrics label, gateway_upstream_errors_total{kind}; a stable, address-free reason)."""
     if isinstance(exc, aiohttp.ClientConnectorDNSError):
-        return "name resolution failed"
+        return "connect", "name resolution failed"
     if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
-        return "TLS handshake failed"
+        return "tls", "TLS handshake failed"
     if isinstance(exc, aiohttp.ClientConnectorError):
         refused = getattr(exc.os_error, "errno", None) == errno.ECONNREFUSED
-        return "connection refused" if refused else "cannot connect"
+        return "connect", "connection refused" if refused else "cannot connect"
     if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
-        return "connection lost"
+        return "reset", "connection lost"
     if isinstance(exc, aiohttp.ClientPayloadError):
-        return "the response body broke off"
+        return "reset", "the response body broke off"
     if isinstance(exc, aiohttp.ClientResponseError):
-        return "invalid response"
-    return "connection error"
+        return "invalid_response", "invalid response"
+    return "reset", "connection error"
 
 
 def _log_detail(upstream: str, exc: Exception) -> None:
