@@ -8,7 +8,6 @@ least recently gets the next free slot.
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 from gateway.fair_slots import FairSlots
@@ -30,15 +29,17 @@ async def test_a_single_call_is_not_stuck_behind_another_batch_s_backlog(
     await asyncio.sleep(0.5)  # the big batch holds every slot and has hundreds queued
     assert state_of(legacy).max_in_flight == 50 and len(state_of(legacy).calls) < 400
 
-    started = time.monotonic()
+    arrived_before = len(state_of(legacy).calls)
     async with client.post("/batch/v1", json=batch_of(1, "/echo/quick")) as response:
         answer = await response.json()
-    waited = time.monotonic() - started
 
     assert answer["Batch"]["items"][0]["SingleItem"]["Result"]["status"] == 200
-    assert waited < 0.5, f"the one-item batch took {waited:.2f} s"
     paths = [call["path"] for call in state_of(legacy).calls]
-    assert paths.index("/echo/quick") < 400, "it was served while the big batch still had a backlog"
+    # counted in calls, not seconds (a loaded machine must not fail it): the quick call takes one
+    # of the next slots freed, not a place behind the big batch's backlog of hundreds
+    position = paths.index("/echo/quick")
+    assert position < arrived_before + 50, f"{position - arrived_before} big calls went first"
+    assert position < 400, "it was served while the big batch still had a backlog"
     async with await big as response:
         assert response.status == 200
         assert len((await response.json())["Batch"]["items"]) == 500
