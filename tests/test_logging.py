@@ -23,12 +23,14 @@ import pytest
 import structlog
 from aiohttp import web
 from aiohttp.test_utils import RawTestServer, TestClient
+from hypothesis import given
+from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from gateway import access_log
 from gateway.app import create_app
 from gateway.connection_guard import ConnectionGuard
-from gateway.log import StructlogHandler, configure_logging
+from gateway.log import StructlogHandler, _dumps, configure_logging
 from tests.conftest import MakeConfig, MakeGateway
 from tests.test_cli_ops import _uncache_gateway_loggers
 
@@ -493,3 +495,29 @@ async def test_a_failure_the_guarded_server_answers_is_one_line_with_the_traceba
     assert line["client"] == "127.0.0.1"
     assert "ValueError: escaped the app" in line["exception"]
     assert "escaped the app" not in body.decode()  # the client is told nothing internal
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@given(st.dictionaries(st.text(), _JSON_VALUES, max_size=8))
+def test_a_log_line_is_ascii_json_that_reads_back_as_the_event(event: dict[str, Any]) -> None:
+    """The orjson renderer keeps what the json module guaranteed: one ASCII line (any stdout
+    encoding takes it, a control character or U+2028 cannot break it), the same values back,
+    ints of any size."""
+    line = _dumps(event)
+    assert line.isascii() and "\n" not in line and "\r" not in line
+    assert json.loads(line) == event
+
+
+def test_a_value_json_cannot_encode_is_shown_by_its_repr() -> None:
+    class Odd:
+        def __repr__(self) -> str:
+            return "<odd>"
+
+    assert json.loads(_dumps({"value": Odd(), "when": (1, 2)})) == {"value": "<odd>", "when": [1, 2]}

@@ -6,6 +6,7 @@ pools; an invalid file changes nothing and is logged and counted.
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 from pathlib import Path
@@ -123,8 +124,9 @@ async def test_sighup_adds_a_route_while_a_batch_is_in_flight_without_refusing_c
     assert added == 200 and refused == 0
     assert [i["SingleItem"]["Result"]["status"] for i in answer["Batch"]["items"]] == [200, 200]
     assert still == 200
-    log = (tmp_path / "gateway.log").read_text()
-    assert '"event": "config_reloaded"' in log and '"event": "reload_failed"' in log
+    events = {json.loads(line).get("event") for line in (tmp_path / "gateway.log").read_text().splitlines()
+              if line.startswith("{")}
+    assert {"config_reloaded", "reload_failed"} <= events
 
 
 async def test_every_generation_s_sessions_are_closed_at_shutdown(
