@@ -61,15 +61,20 @@ def utf8_headers(raw: list[tuple[str, str]]) -> list[tuple[str, str]]:
 
 @contextmanager
 def lean_errors(upstream: str) -> Iterator[None]:
-    """The lean client's errors as the gateway's, with the same texts as aiohttp's (upstream.py);
-    the full text (addresses, TLS details) is logged for operators, not shown to clients."""
+    """The lean client's errors as the gateway's (see `lean_error`)."""
     try:
         yield
     except LeanError as exc:
-        if not isinstance(exc, ReadTimeout):
-            log.warning("upstream_error", upstream=upstream, error=type(exc).__name__,
-                        detail=f"{exc} ({exc.__cause__})"[:500] if exc.__cause__ else str(exc)[:500])
-        raise _translated(upstream, exc) from exc
+        raise lean_error(upstream, exc) from exc
+
+
+def lean_error(upstream: str, exc: LeanError) -> UpstreamError:
+    """The gateway's error for a lean client error, with the same texts as aiohttp's (upstream.py);
+    the full text (addresses, TLS details) is logged for operators, not shown to clients."""
+    if not isinstance(exc, ReadTimeout):
+        log.warning("upstream_error", upstream=upstream, error=type(exc).__name__,
+                    detail=f"{exc} ({exc.__cause__})"[:500] if exc.__cause__ else str(exc)[:500])
+    return _translated(upstream, exc)
 
 
 def _translated(upstream: str, exc: LeanError) -> UpstreamError:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import time
-from collections.abc import AsyncIterator, Callable, Hashable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterator
 from contextlib import AbstractContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from types import TracebackType
@@ -22,8 +22,8 @@ from gateway.config import GatewayConfig
 from gateway.errors import UpstreamBusy, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from gateway.fair_slots import FairSlots
 from gateway.headers import safe_reason
-from gateway.lean_client import LeanPool, LeanResponse
-from gateway.lean_upstream import LeanStream, lean_errors, lean_pool, utf8_headers
+from gateway.lean_client import LeanError, LeanPool
+from gateway.lean_upstream import LeanStream, lean_error, lean_errors, lean_pool, utf8_headers
 from gateway.metrics import GatewayMetrics, status_class
 from gateway.model import Headers, SubResponse
 from gateway.tls import server_name, upstream_context
@@ -57,41 +57,46 @@ class UpstreamCall:
     """The configured template the path was rendered from (transaction calls), for spans."""
 
 
+CLIENT_ERRORS = (aiohttp.ClientError, TimeoutError, ValueError)
+"""What aiohttp's client raises for a call that failed (see `client_error`)."""
+
+
 @contextmanager
 def translate_errors(upstream: str) -> Iterator[None]:
-    """Turn aiohttp client errors into the gateway's own, most specific first.
+    """Turn aiohttp client errors into the gateway's own (see `client_error`)."""
+    try:
+        yield
+    except CLIENT_ERRORS as exc:
+        raise client_error(upstream, exc) from exc
+
+
+def client_error(upstream: str, exc: Exception) -> UpstreamError:
+    """The gateway's error for one of CLIENT_ERRORS, most specific first.
 
     The client sees the upstream's configured name and a stable reason; the full error (addresses,
     DNS and TLS details) is logged under the request id. A ValueError (aiohttp.InvalidURL is one)
     is raised while the request is built, before a byte is written: that call was not executed.
     """
-    try:
-        yield
-    except aiohttp.ConnectionTimeoutError as exc:
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
         _log_detail(upstream, exc)
-        raise UpstreamTimeout(
-            f"connecting to upstream {upstream!r} timed out", kind="connect_timeout"
-        ) from exc
-    except (aiohttp.ServerTimeoutError, TimeoutError) as exc:
-        raise UpstreamTimeout(
-            f"upstream {upstream!r} did not answer in time", maybe_executed=True
-        ) from exc
-    except aiohttp.ClientConnectorError as exc:
+        return UpstreamTimeout(f"connecting to upstream {upstream!r} timed out", kind="connect_timeout")
+    if isinstance(exc, aiohttp.ServerTimeoutError | TimeoutError):
+        return UpstreamTimeout(f"upstream {upstream!r} did not answer in time", maybe_executed=True)
+    if isinstance(exc, aiohttp.ClientConnectorError):
         _log_detail(upstream, exc)
         kind, reason = _classify(exc)
-        raise UpstreamUnavailable(f"upstream {upstream!r} is unreachable ({reason})", kind=kind) from exc
-    except ValueError as exc:  # aiohttp refused to build the request (URL, header): nothing was sent
-        _log_detail(upstream, exc)
-        raise UpstreamError(
+        return UpstreamUnavailable(f"upstream {upstream!r} is unreachable ({reason})", kind=kind)
+    _log_detail(upstream, exc)
+    if isinstance(exc, ValueError):  # aiohttp refused to build the request (URL, header): nothing was sent
+        return UpstreamError(
             f"the gateway refused to send a call to upstream {upstream!r} (an invalid URL or header)",
             kind="not_sent",
-        ) from exc
-    except aiohttp.ClientError as exc:
-        _log_detail(upstream, exc)
-        kind, reason = _classify(exc)
-        raise UpstreamUnavailable(
-            f"connection to upstream {upstream!r} failed ({reason})", maybe_executed=True, kind=kind,
-        ) from exc
+        )
+    assert isinstance(exc, aiohttp.ClientError)
+    kind, reason = _classify(exc)
+    return UpstreamUnavailable(
+        f"connection to upstream {upstream!r} failed ({reason})", maybe_executed=True, kind=kind,
+    )
 
 
 def _classify(exc: aiohttp.ClientError) -> tuple[str, str]:
@@ -242,25 +247,38 @@ class UpstreamPool:
                 with self._reporting(call.upstream), translate_errors(call.upstream):
                     async with self._request(call, span) as response:
                         self._accept(call.upstream, response.status)
-                        body = await self._read_capped(call.upstream, response.content.iter_any(), budget)
+                        body = await self._read_capped(call.upstream, _any(response.content), budget)
                         return _whole_answer(meter, response.status, response.reason,
                                        tuple(response.headers.items()), body)
 
     async def _send_lean(
         self, client: LeanPool, call: UpstreamCall, span: Span, meter: _Metered, budget: ByteBudget | None
     ) -> SubResponse:
-        timeouts = self._config.upstreams[call.upstream].timeouts
-        async with self.connection(call.upstream):
-            with self._reporting(call.upstream), translate_errors(call.upstream), lean_errors(call.upstream):
-                response = await client.request(
-                    call.method, call.url.raw_path_qs, span.outgoing_headers(call.headers), call.body,
-                    connect_timeout=timeouts.connect, total_timeout=self._total(call),
-                )
-                async with response:
-                    self._accept(call.upstream, response.status)
-                    body = await self._read_capped(call.upstream, _chunks_of(response), budget)
-                    return _whole_answer(meter, response.status, response.reason,
-                                   tuple(utf8_headers(response.headers)), body)
+        """As the aiohttp path, with its three error context managers written out as one `try`
+        (on the path of every sub-request: it saves about a tenth of a call's CPU)."""
+        upstream = call.upstream
+        timeouts = self._config.upstreams[upstream].timeouts
+        async with self.connection(upstream):
+            try:
+                try:
+                    response = await client.request(
+                        call.method, call.url.raw_path_qs, span.outgoing_headers(call.headers), call.body,
+                        connect_timeout=timeouts.connect, total_timeout=self._total(call),
+                    )
+                    try:
+                        self._accept(upstream, response.status)
+                        body = await self._read_capped(upstream, response.read_chunk, budget)
+                    finally:
+                        response.release()
+                except LeanError as exc:
+                    raise lean_error(upstream, exc) from exc
+                except CLIENT_ERRORS as exc:  # not the lean client's own: as on the aiohttp path
+                    raise client_error(upstream, exc) from exc
+            except UpstreamError as exc:
+                self._report(upstream, exc)
+                raise
+        return _whole_answer(meter, response.status, response.reason,
+                             tuple(utf8_headers(response.headers)), body)
 
     def _total(self, call: UpstreamCall) -> float:
         """The call's total timeout: its own (the batch deadline's share), capped by the upstream's."""
@@ -284,10 +302,13 @@ class UpstreamPool:
         try:
             yield
         except UpstreamError as exc:
-            stalled = client_body and type(exc.__cause__) is TimeoutError
-            if self._on_outcome is not None and not stalled:
-                self._on_outcome(upstream, exc)
+            if not (client_body and type(exc.__cause__) is TimeoutError):
+                self._report(upstream, exc)
             raise
+
+    def _report(self, upstream: str, error: UpstreamError) -> None:
+        if self._on_outcome is not None:
+            self._on_outcome(upstream, error)
 
     def _answered(self, upstream: str) -> None:
         if self._on_outcome is not None:
@@ -312,13 +333,14 @@ class UpstreamPool:
         )
 
     async def _read_capped(
-        self, upstream: str, chunks: AsyncIterator[bytes], budget: ByteBudget | None
+        self, upstream: str, read: Callable[[int], Awaitable[bytes]], budget: ByteBudget | None
     ) -> bytes:
-        """The body in one buffer (linear in its size), within max_response_bytes and the budget."""
+        """The body in one buffer (linear in its size), within max_response_bytes and the budget;
+        `read(n)` gives the next bytes (at most n), b"" at the end."""
         body = bytearray()
         limit = self._max_response_bytes
         try:
-            async for chunk in chunks:
+            while chunk := await read(_READ_SIZE):
                 if len(body) + len(chunk) > limit:
                     raise UpstreamError(
                         f"upstream {upstream!r} answered a body over {limit} bytes, "
@@ -463,9 +485,16 @@ def _whole_answer(
     return SubResponse(status=status, reason=safe_reason(status, reason), headers=headers, body=body)
 
 
-async def _chunks_of(response: LeanResponse) -> AsyncIterator[bytes]:
-    while chunk := await response.read_chunk(1 << 20):
-        yield chunk
+_READ_SIZE = 1 << 20
+
+
+def _any(content: aiohttp.StreamReader) -> Callable[[int], Awaitable[bytes]]:
+    """aiohttp's body as a `read(n)`: whatever has arrived (readany ignores n)."""
+
+    def read(_size: int) -> Awaitable[bytes]:
+        return content.readany()
+
+    return read
 
 
 class _Permit:
