@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
 
 import structlog
 
@@ -137,6 +136,6 @@ async def send_within(
     if timeout <= 0:
         return CallFailure(504, "the batch deadline passed before this call could start")
     try:
-        return await pool.send(replace(call, timeout=timeout), budget)
+        return await pool.send(call.with_timeout(timeout), budget)
     except UpstreamError as exc:
         return CallFailure(exc.status, exc.detail, maybe_executed=exc.maybe_executed)

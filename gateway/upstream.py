@@ -56,6 +56,15 @@ class UpstreamCall:
     path_template: str | None = None
     """The configured template the path was rendered from (transaction calls), for spans."""
 
+    def with_timeout(self, timeout: float) -> UpstreamCall:
+        """This call with its own timeout (what `dataclasses.replace` does at half its cost; it runs
+        once per sub-request). A new field must be passed on here too (a test checks it)."""
+        return UpstreamCall(
+            upstream=self.upstream, method=self.method, url=self.url, headers=self.headers,
+            body=self.body, timeout=timeout, purpose=self.purpose, item=self.item,
+            path_template=self.path_template,
+        )
+
 
 CLIENT_ERRORS = (aiohttp.ClientError, TimeoutError, ValueError)
 """What aiohttp's client raises for a call that failed (see `client_error`)."""
