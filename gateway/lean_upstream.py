@@ -7,8 +7,6 @@ from __future__ import annotations
 import errno
 import socket
 import ssl
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import structlog
 from multidict import CIMultiDict
@@ -57,15 +55,6 @@ def utf8_headers(raw: list[tuple[str, str]]) -> list[tuple[str, str]]:
         else (name, value)
         for name, value in raw
     ]
-
-
-@contextmanager
-def lean_errors(upstream: str) -> Iterator[None]:
-    """The lean client's errors as the gateway's (see `lean_error`)."""
-    try:
-        yield
-    except LeanError as exc:
-        raise lean_error(upstream, exc) from exc
 
 
 def lean_error(upstream: str, exc: LeanError) -> UpstreamError:

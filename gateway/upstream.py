@@ -23,7 +23,7 @@ from gateway.errors import UpstreamBusy, UpstreamError, UpstreamTimeout, Upstrea
 from gateway.fair_slots import FairSlots
 from gateway.headers import safe_reason
 from gateway.lean_client import LeanError, LeanPool
-from gateway.lean_upstream import LeanStream, lean_error, lean_errors, lean_pool, utf8_headers
+from gateway.lean_upstream import LeanStream, lean_error, lean_pool, utf8_headers
 from gateway.metrics import GatewayMetrics, status_class
 from gateway.model import Headers, SubResponse
 from gateway.tls import server_name, upstream_context
@@ -384,20 +384,31 @@ class UpstreamPool:
         with _Metered(self, call) as record:
             span = record.span
             async with self.connection(upstream):
-                with self._reporting(upstream, streamed), translate_errors(upstream):
-                    timeouts = self._config.upstreams[upstream].timeouts
-                    client = self._sessions[upstream]
-                    if isinstance(client, LeanPool):
-                        with lean_errors(upstream):
+                timeouts = self._config.upstreams[upstream].timeouts
+                client = self._sessions[upstream]
+                if isinstance(client, LeanPool):  # the error context managers written out: hot path
+                    try:
+                        try:
                             lean = await client.request(
                                 method, url.raw_path_qs, span.outgoing_headers(headers), data,
                                 connect_timeout=timeouts.connect, read_timeout=timeouts.total,
                             )
-                            async with lean:
+                            try:
                                 self._accept(upstream, lean.status)
                                 record.head(lean.status)
                                 yield LeanStream(lean)
-                        return
+                            finally:
+                                lean.release()
+                        except LeanError as exc:
+                            raise lean_error(upstream, exc) from exc
+                        except CLIENT_ERRORS as exc:
+                            raise client_error(upstream, exc) from exc
+                    except UpstreamError as exc:
+                        if not (streamed and type(exc.__cause__) is TimeoutError):
+                            self._report(upstream, exc)
+                        raise
+                    return
+                with self._reporting(upstream, streamed), translate_errors(upstream):
                     timeout = aiohttp.ClientTimeout(
                         total=None, sock_connect=timeouts.connect, sock_read=timeouts.total
                     )
