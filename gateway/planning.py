@@ -87,6 +87,8 @@ def merge_query(outer: str, own: str) -> str:
 
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 """Not allowed in a field value (RFC 9110 section 5.5); aiohttp's client refuses to send them."""
+CONTROL_CHARS_PATTERN = _CONTROL_CHARS.pattern
+"""Public for gateway/openapi.py: what an item's header value must not contain."""
 
 
 REFUSED_ITEM_METHODS = frozenset({"CONNECT", "TRACE"})
@@ -123,10 +125,29 @@ def _check_item(request: SubRequest) -> None:
 @dataclass(frozen=True, slots=True)
 class _Inherited:
     """What every call of a batch inherits: as a multidict (to merge an item's own headers into)
-    and as items (copied as they are for an item with none of its own)."""
+    and as items, split around the X-Request-ID so that an item with no headers of its own gets
+    `before + ((X-Request-ID, <id>.<position>),) + after` without a pass over every header."""
 
     headers: CIMultiDict[str]
     items: Headers
+    before: Headers
+    request_id: tuple[str, str] | None
+    after: Headers
+
+    @classmethod
+    def of(cls, base: CIMultiDict[str]) -> _Inherited:
+        items = tuple(base.items())
+        at = next((n for n, (name, _) in enumerate(items) if name == "X-Request-ID"), None)
+        if at is None:
+            return cls(base, items, items, None, ())
+        return cls(base, items, items[:at], items[at], items[at + 1:])
+
+    def for_position(self, position: int) -> Headers:
+        """The inherited headers of the call at `position`: its X-Request-ID is `<id>.<position>`."""
+        if self.request_id is None:
+            return self.items
+        name, value = self.request_id
+        return (*self.before, (name, f"{value}.{position}"), *self.after)
 
 
 class Planner:
@@ -146,7 +167,7 @@ class Planner:
             trusted=outer.trusted_peer,
         )
         calls: list[PlannedCall] = []
-        inherited = _Inherited(base, tuple(base.items()))
+        inherited = _Inherited.of(base)
         root = self._node(item, inherited, outer.raw_query, calls)
         return BatchPlan(root=root, calls=tuple(calls), base_headers=inherited.items)
 
@@ -165,9 +186,12 @@ class Planner:
     ) -> PlannedCall:
         _check_item(request)
         target = parse_target(request.target, request.where)
-        target = Target(path=target.path, query=merge_query(query, target.query))
+        if query or target.query:  # (most items have neither: nothing to merge)
+            target = Target(path=target.path, query=merge_query(query, target.query))
         routed = self._routes.route(request.method, target, request.where)
-        own = [(k, v) for k, v in own_headers(request.headers) if k.lower() not in GATEWAY_OWNED]
+        own = [
+            (k, v) for k, v in own_headers(request.headers) if k.lower() not in GATEWAY_OWNED
+        ] if request.headers else []
         base = inherited.headers
         if own:
             merged = inherit(base, own)
@@ -175,9 +199,7 @@ class Planner:
                 merged["X-Request-ID"] = f"{base['X-Request-ID']}.{position}"
             headers = tuple(merged.items())
         else:  # the common case, without copying a multidict per item
-            headers = tuple(
-                (k, f"{v}.{position}") if k == "X-Request-ID" else (k, v) for k, v in inherited.items
-            )
+            headers = inherited.for_position(position)
         call = UpstreamCall(
             upstream=routed.upstream,
             method=request.method,
