@@ -156,6 +156,9 @@ def _show(value: object) -> str:
 
 def _child(pointer: str, token: str | int) -> str:
     """RFC 6901 pointer of a member or element; unencodable characters are shown escaped."""
-    text = str(token).encode("utf-8", "backslashreplace").decode("utf-8")
-    escaped = text.replace("~", "~0").replace("/", "~1")
+    if isinstance(token, int) or (token.isascii() and "~" not in token and "/" not in token):
+        escaped = str(token)  # the common case (an index, a known key): nothing to escape
+    else:
+        text = token.encode("utf-8", "backslashreplace").decode("utf-8")
+        escaped = text.replace("~", "~0").replace("/", "~1")
     return f"/{escaped}" if pointer == ROOT else f"{pointer}/{escaped}"

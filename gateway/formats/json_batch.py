@@ -46,6 +46,14 @@ _MODES = {mode.value: mode for mode in ExecutionMode}
 _FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding"})
 """The codec builds the body bytes itself, so a client's framing headers could only be wrong."""
 
+# Public for gateway/openapi.py, which documents the accepted shapes from these (one source of truth).
+TOKEN_PATTERN = _TOKEN.pattern
+"""What `method` and a `headers` name must be: an RFC 9110 token."""
+FORBIDDEN_IN_VALUES_PATTERN = _FORBIDDEN_IN_VALUES.pattern
+"""Characters never allowed in `operation` or a header value."""
+ITEM_KEYS, SINGLE_KEYS, BATCH_KEYS = _ITEM_KEYS, _SINGLE_KEYS, _BATCH_KEYS
+FRAMING_HEADERS = _FRAMING_HEADERS
+
 
 DEFAULT_LIMITS = BatchLimits()
 
@@ -121,7 +129,7 @@ class _Reader:
             raise PayloadTooLarge(detail, where=where, limit="limits.max_items")
         expected = 'SingleItem must be an object with "method" and "operation"'
         obj = _expect_object(value, where, expected)
-        _reject_unknown_keys(obj, _SINGLE_KEYS, where, _expected_keys("SingleItem", _SINGLE_KEYS))
+        _reject_unknown_keys(obj, _SINGLE_KEYS, where, _SINGLE_EXPECTED)
         method = _method(obj.get("method", _MISSING), _child(where, "method"))
         target = _operation(obj.get("operation", _MISSING), _child(where, "operation"))
         headers = _headers(obj.get("headers"), _child(where, "headers"), self.limits)
@@ -136,7 +144,7 @@ class _Reader:
             raise MalformedBatch(detail, where=where, limit="limits.max_depth")
         expected = 'Batch must be an object with "batch_execution_type" and "items"'
         obj = _expect_object(value, where, expected)
-        _reject_unknown_keys(obj, _BATCH_KEYS, where, _expected_keys("Batch", _BATCH_KEYS))
+        _reject_unknown_keys(obj, _BATCH_KEYS, where, _BATCH_EXPECTED)
         mode_where = _child(where, "batch_execution_type")
         mode = _mode(obj.get("batch_execution_type", _MISSING), mode_where)
         items_where = _child(where, "items")
@@ -244,6 +252,10 @@ def _reject_unknown_keys(
 
 def _expected_keys(owner: str, keys: tuple[str, ...]) -> str:
     return f"{owner} takes only " + ", ".join(f'"{key}"' for key in keys)
+
+
+_SINGLE_EXPECTED = _expected_keys("SingleItem", _SINGLE_KEYS)
+_BATCH_EXPECTED = _expected_keys("Batch", _BATCH_KEYS)
 
 
 def _invalid(field: str, value: object, expected: str, where: str) -> MalformedBatch:
