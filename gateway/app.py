@@ -57,6 +57,7 @@ from gateway.runtime import (
     route_label,
     served,
 )
+from gateway.takeover import start_takeover
 from gateway.tracing import Span, Tracing, tracing_for
 from gateway.upstream import UpstreamPool
 
@@ -336,9 +337,12 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         gateway.extras["recovered"] = True
         pruner = asyncio.create_task(_prune_periodically(gateway))
         refresher = asyncio.create_task(_refresh_process_metrics(gateway))
+        taker = start_takeover(app[GATEWAY_REF])  # a shared journal: dead replicas' batches
         yield
         pruner.cancel()
         refresher.cancel()
+        if taker is not None:
+            taker.cancel()
     finally:
         gateway = app[GATEWAY_REF].current  # after reloads: the newest generation
         deadline = gateway.batches.shutdown.deadline  # set by serve(): one deadline for it all

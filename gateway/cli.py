@@ -29,6 +29,7 @@ from aiohttp import web
 
 from gateway import __version__, operator_commands
 from gateway.app import create_app, reserved_route_warnings
+from gateway.atomicity.journal import postgres_driver_problem
 from gateway.atomicity.secrets import load_key
 from gateway.config import GatewayConfig, Journal, journal_settings, load_config, problems_of
 from gateway.connection_guard import ConnectionGuard
@@ -185,6 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return healthcheck(args.config)
         config = load_config(args.config)
         load_key(config.journal.key_env, config.journal.key_file, args.config)  # names the file
+        if config.journal.url is not None and (driver := postgres_driver_problem()) is not None:
+            raise ConfigError(args.config, "journal.url", driver)
         if args.command == "recover":
             return asyncio.run(operator_commands.recover(config))
         if args.command == "batches":
@@ -416,6 +419,11 @@ def _journal_problems(journal: Journal, config_file: str) -> list[ConfigError]:
         load_key(journal.key_env, journal.key_file, config_file)
     except ConfigError as exc:
         problems.append(exc)
+    if journal.url is not None:  # PostgreSQL: the driver must be installed (the server is not contacted)
+        driver = postgres_driver_problem()
+        if driver is not None:
+            problems.append(ConfigError(config_file, "journal.url", driver))
+        return problems
     location = journal_location_problem(journal.path)
     if location is not None:
         problems.append(ConfigError(config_file, "journal.path", location))

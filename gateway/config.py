@@ -431,6 +431,43 @@ class Journal(_Strict):
     """Or a file holding that key (one line)."""
     max_batch_bytes: int = Field(32 * 1024 * 1024, ge=4096)
     """What one atomic batch may write to the journal (intents, snapshots, outcomes)."""
+    url: str | None = None
+    """A shared PostgreSQL journal (`postgresql://user:pass@host:5432/db`, `?host=/socket/dir` for a
+    unix socket) instead of the SQLite file: several replicas share it (leases, takeover, fencing)."""
+    db_schema: str = "gateway"
+    """The PostgreSQL schema holding the journal's tables (created at start-up)."""
+    lease_seconds: float = Field(15.0, gt=0, le=3600)
+    """How long an instance owns its batches without renewing (renewed every third of it)."""
+    pool_size: int = Field(10, ge=1, le=1000)
+    """PostgreSQL connections per process."""
+    timeout: float = Field(5.0, gt=0, le=300)
+    """Seconds for connecting to PostgreSQL and for each journal statement."""
+
+    @field_validator("url")
+    @classmethod
+    def _postgres_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parsed = URL(value)
+        if parsed.scheme not in ("postgresql", "postgres"):
+            raise ValueError("must be a postgresql:// or postgres:// URL")
+        if not parsed.path.strip("/") and not parsed.query.get("dbname"):
+            raise ValueError("must name a database (postgresql://host/DBNAME)")
+        return value
+
+    @field_validator("db_schema")
+    @classmethod
+    def _schema_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", value):
+            raise ValueError(f"{value!r} is not a schema name: lower-case letters, digits and _, "
+                             "not starting with a digit, at most 63")
+        return value
+
+    @model_validator(mode="after")
+    def _one_store(self) -> Journal:
+        if self.url is not None and "path" in self.model_fields_set:
+            raise ValueError("give either path (SQLite) or url (PostgreSQL), not both")
+        return self
 
     @field_validator("sensitive_headers")
     @classmethod

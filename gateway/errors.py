@@ -148,6 +148,14 @@ class JournalUnavailable(GatewayError):
     type_suffix = "journal-unavailable"
 
 
+class BatchLost(JournalUnavailable):
+    """A shared journal refused a write: this instance's lease lapsed (it was paused past it, or cut
+    off) or another instance took the batch over. The batch is stopped here: no further call."""
+
+    title = "Batch taken over"
+    type_suffix = "batch-lost"
+
+
 class RequestTimeout(ClientError):
     """The client did not send its request body in time; nothing was sent upstream."""
 

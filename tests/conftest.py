@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from gateway.app import create_app
 from gateway.config import GatewayConfig, parse_config
 from gateway.demo.launcher import demo_config_data
 from gateway.demo.services import DEMO_STATE, DemoState, ledger_app, legacy_app
+from tests.pg_cluster import REQUIRE_VARIABLE, PgCluster, PgUnavailable
 
 MakeConfig = Callable[..., GatewayConfig]
 MakeGateway = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
@@ -52,16 +54,48 @@ def state_of(server: TestServer) -> DemoState:
     return server.app[DEMO_STATE]
 
 
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    """One private PostgreSQL server for the session (tests/pg_cluster.py); skipped when it cannot
+    be started here, unless GATEWAY_REQUIRE_POSTGRES=1 (CI), which fails instead."""
+    try:
+        cluster = PgCluster().start()
+    except PgUnavailable as exc:
+        if os.environ.get(REQUIRE_VARIABLE) == "1":
+            pytest.fail(f"PostgreSQL is required ({REQUIRE_VARIABLE}=1) but cannot start: {exc}")
+        pytest.skip(f"PostgreSQL cannot be started here: {exc}")
+    yield cluster
+    cluster.remove()
+
+
 @pytest.fixture
-def make_config(legacy: TestServer, ledger: TestServer, tmp_path: Path) -> MakeConfig:
+def pg_url(pg_cluster: PgCluster) -> str:
+    """A fresh database on the session's PostgreSQL server."""
+    return pg_cluster.create_database()
+
+
+@pytest.fixture
+def journal_kind() -> str:
+    """The journal make_config sets up: SQLite; a module overrides this fixture with params
+    ["sqlite", "postgres"] to run its tests against both (tests/test_atomic_fault_matrix.py)."""
+    return "sqlite"
+
+
+@pytest.fixture
+def make_config(
+    legacy: TestServer, ledger: TestServer, tmp_path: Path, journal_kind: str, request: pytest.FixtureRequest
+) -> MakeConfig:
     """The demo config pointed at the test upstreams, with optional deep-merged overrides."""
+    journal: dict[str, Any] = {"path": str(tmp_path / "journal.sqlite3")}
+    if journal_kind == "postgres":
+        journal = {"url": request.getfixturevalue("pg_url"), "lease_seconds": 5}
 
     def make(overrides: dict[str, Any] | None = None) -> GatewayConfig:
         data = demo_config_data(
             str(legacy.make_url("")).rstrip("/"),
             str(ledger.make_url("")).rstrip("/"),
-            journal=str(tmp_path / "journal.sqlite3"),
         )
+        data["journal"] = dict(journal)
         return parse_config(deep_merge(data, overrides or {}), "<test>")
 
     return make

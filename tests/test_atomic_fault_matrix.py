@@ -77,6 +77,12 @@ UPSTREAM_SETS = {"ledger": LEDGER_CALLS, "legacy": LEGACY_CALLS, "spanning": SPA
 FORMATS = ("json-serial", "json-unordered", "multipart", "multipart-unordered")
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def journal_kind(request: pytest.FixtureRequest) -> str:
+    """Every test here runs with the SQLite journal and with the PostgreSQL one (tests/conftest.py)."""
+    return str(request.param)
+
+
 # --- the world before a batch -------------------------------------------------------------------
 
 
@@ -802,3 +808,9 @@ async def test_nested_batches_are_atomic_as_a_whole(
     )
     assert records(legacy, ledger) == before
     assert_no_open_transactions(ledger)
+
+
+async def test_the_matrix_runs_on_the_journal_it_names(make_gateway: MakeGateway, journal_kind: str) -> None:
+    client = await make_gateway()
+    journal = client.app[GATEWAY].batches.journal
+    assert type(journal).__name__ == {"sqlite": "SqliteJournal", "postgres": "PostgresJournal"}[journal_kind]

@@ -32,7 +32,7 @@ from gateway.atomicity.tx_calls import lifetime
 from gateway.atomicity.untrusted import UntrustedValue
 from gateway.budget import ByteBudget
 from gateway.config import GatewayConfig
-from gateway.errors import JournalUnavailable, PayloadTooLarge
+from gateway.errors import BatchLost, JournalUnavailable, PayloadTooLarge
 from gateway.execution import Deadline, execute, failure_summary, log_call, send_within
 from gateway.metrics import GatewayMetrics
 from gateway.model import (
@@ -102,6 +102,8 @@ class AtomicRun:
         self.records: dict[int, CallRecord] = {}
         self.abort_reason: str | None = None
         self.journal_error: str | None = None
+        self.lost: BatchLost | None = None
+        """Set when a shared journal fenced this batch off: another instance finishes it."""
         self._tx_errors: dict[str, str | None] = {}
         self._seq = itertools.count(1)
         self._journal_cap = config.journal.max_batch_bytes
@@ -128,7 +130,14 @@ class AtomicRun:
         return used
 
     async def run(self) -> BatchReport:
-        """Raises JournalUnavailable (503) only before any call was made."""
+        """Raises JournalUnavailable (503) before any call was made, or BatchLost (503) when a
+        shared journal fenced the batch off: then no further call of it was made here."""
+        try:
+            return await self._run()
+        finally:
+            self._journal.ended(self.batch_id)
+
+    async def _run(self) -> BatchReport:
         await self._journal.batch_state(
             self.batch_id, BatchState.PLANNED, f"{len(self.plan.calls)} calls",
             headers=[list(pair) for pair in self.plan.base_headers], owner=self.owner,
@@ -137,10 +146,18 @@ class AtomicRun:
         self.machine.to(BatchState.RUNNING)
         await self._journal.batch_state(self.batch_id, BatchState.RUNNING)
         root = await execute(self.plan.root, self.run_call)
-        if self.abort_reason is None and not root.failed:
+        if self._lost() is None and self.abort_reason is None and not root.failed:
             outcome, detail = await self._commit()
-        else:
+        elif self._lost() is None:
             outcome, detail = await self._compensate()
+        lost = self._lost()
+        if lost is not None:
+            log.error("batch_lost", batch_id=self.batch_id, detail=lost.detail)
+            raise BatchLost(
+                f"atomic batch {self.batch_id} was taken over by another gateway instance (this one "
+                "lost its journal lease or the batch): no further call of it is made here, and that "
+                "instance rolls it back (or forward past its commit point); look it up by its id"
+            )
         return BatchReport(
             root=self._annotate(root, outcome),
             batch_id=self.batch_id,
@@ -157,10 +174,36 @@ class AtomicRun:
         """A journal write whose failure is remembered and reported, not raised."""
         try:
             await write
+        except BatchLost as exc:
+            self._lose(exc)
+            return False
         except JournalUnavailable as exc:
             self.journal_error = exc.detail
             log.error("journal_write_failed", batch_id=self.batch_id, detail=exc.detail)
             return False
+        return True
+
+    def _lose(self, exc: BatchLost) -> None:
+        if self.lost is None:
+            self.lost = exc
+            self.abort_reason = self.abort_reason or "the batch was taken over by another gateway instance"
+
+    def _lost(self) -> BatchLost | None:
+        return self.lost or self.txs.batch_lost
+
+    async def _owned(self, *, strict: bool) -> bool:
+        """Whether this instance still owns the batch, right before an upstream call. A journal that
+        cannot answer stops a forward call (`strict`) but not an undo or rollback."""
+        if self._lost() is not None:
+            return False
+        try:
+            await self._journal.fence(self.batch_id)
+        except BatchLost as exc:
+            self._lose(exc)
+            return False
+        except JournalUnavailable as exc:
+            self.journal_error = exc.detail
+            return not strict
         return True
 
     def _intent(self, planned: PlannedCall, step: AtomicStep) -> dict[str, Any]:
@@ -209,9 +252,14 @@ class AtomicRun:
                 return failure
             try:
                 await self._journal.step_intent(self.batch_id, planned.position, intent)
+            except BatchLost as exc:
+                self._lose(exc)
+                return CallFailure(503, "not sent: the batch was taken over by another gateway instance")
             except JournalUnavailable as exc:
                 self.journal_error = exc.detail
                 return CallFailure(503, f"not sent: the journal could not record it ({exc.detail})")
+        if not await self._owned(strict=True):
+            return CallFailure(503, "not sent: this instance could not confirm it still owns the batch")
         started = time.perf_counter()
         outcome = await send_within(self._pool, call, self._deadline, self._buffer)
         log_call(planned, outcome, started, self._config.logging.subrequest_level)
@@ -273,8 +321,12 @@ class AtomicRun:
 
     async def _commit(self) -> tuple[BatchOutcome, str | None]:
         if not await self._transition(BatchState.COMMITTING):
+            if self._lost() is not None:
+                return BatchOutcome.ROLLBACK_INCOMPLETE, None  # not reported: run() raises BatchLost
             return await self._compensate(commit_error="the journal could not record the commit decision")
         for index, upstream in enumerate(self.txs.begun):
+            if self._lost() is not None:
+                return BatchOutcome.ROLLBACK_INCOMPLETE, None
             error = await self._end(upstream, commit=True)
             if error is not None:
                 committed = self.txs.begun[:index]
@@ -293,6 +345,8 @@ class AtomicRun:
         self, commit_error: str | None = None, committed: list[str] | None = None
     ) -> tuple[BatchOutcome, str | None]:
         await self._transition(BatchState.COMPENSATING, commit_error or self.abort_reason)
+        if self._lost() is not None:  # another instance owns it: not one rollback call from here
+            return BatchOutcome.ROLLBACK_INCOMPLETE, None
         committed = committed or []
         self._tx_errors = {
             upstream: await self._end(upstream, commit=False)
@@ -320,6 +374,8 @@ class AtomicRun:
 
     async def _undo(self, position: int, record: CallRecord) -> UndoResult:
         outcome = record.outcome if record.state == "done" else None
+        if not await self._owned(strict=False):
+            return UndoResult(False, "not undone here: the batch was taken over by another gateway instance")
         try:
             result = await run_undo(
                 self._pool, self.ctx, record.intent, outcome,

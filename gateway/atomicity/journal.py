@@ -1,6 +1,6 @@
 """The durable journal of atomic batches: intents before upstream changes, outcomes after.
 
-`Journal` is the interface (a shared store can serve several replicas); `SqliteJournal` the default.
+`Journal` is the interface; `SqliteJournal` the default, `PostgresJournal` (pg_journal.py) the shared one.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import structlog
 from gateway.atomicity.secrets import HeaderSealer, StoredHeaders, load_key
 from gateway.atomicity.state import FINAL_STATES, PRUNABLE_STATES, BatchState
 from gateway.config import DEFAULT_SENSITIVE_HEADERS, GatewayConfig
-from gateway.errors import JournalUnavailable
+from gateway.errors import ConfigError, JournalUnavailable
 
 log = structlog.get_logger("gateway.journal")
 
@@ -145,6 +145,8 @@ class Journal(Protocol):
 
     observe_write: Callable[[str, int, float], None] | None
     """Called with (operation, bytes, seconds) after each durable write (metrics)."""
+    sealer: HeaderSealer
+    """Which headers are secrets, and how they are sealed (operators' views redact them)."""
 
     async def open(self) -> None: ...
     async def close(self) -> None: ...
@@ -176,6 +178,32 @@ class Journal(Protocol):
     async def resolve(self, batch_id: str, note: str) -> None: ...
     async def prune(self, older_than_seconds: float) -> int: ...
     async def ping(self) -> None: ...
+
+    # ownership: trivial for a journal of one process (SQLite); leases and fencing for a shared one
+    takeover_every: float | None
+    """Seconds between looks for batches whose owner's lease expired; None: never (not shared)."""
+
+    async def fence(self, batch_id: str) -> None:
+        """Raise BatchLost unless this process still owns the batch (before each upstream call)."""
+        ...
+
+    async def claim_unfinished(self, instance: str | None = None, *, parked: bool = True) -> list[str]:
+        """Unfinished batches this process may recover now, made its own: every one (or those of one
+        dead worker `instance`) in a journal of one process; in a shared one, those whose owner's
+        lease expired (a dead worker's at once), and with `parked` those a recovery left parked."""
+        ...
+
+    async def claim(self, batch_id: str) -> str | None:
+        """Make one batch this process's own for an operator's retry; None, or why it cannot be."""
+        ...
+
+    async def release(self, batch_id: str) -> None:
+        """Park a batch recovery keeps unfinished (an operator must act): no periodic takeover."""
+        ...
+
+    def ended(self, batch_id: str) -> None:
+        """The coordinator's run of this batch is over, whatever became of it."""
+        ...
 
 
 class CrashPoint:
@@ -214,6 +242,22 @@ class CrashPoint:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def owner_digest(key: bytes | None, credentials: Sequence[str]) -> str | None:
+    """HMAC-SHA256 (hex) of `Authorization` value(s) under a journal's owner key; None without any."""
+    if key is None:
+        raise JournalUnavailable("the journal is not open")
+    values = [value.strip() for value in credentials]
+    if not any(values):
+        return None
+    message = "\n".join(values).encode("utf-8", "surrogatepass")
+    return hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
+def owner_key_from(key: bytes) -> bytes:
+    """The owner HMAC key derived from a configured journal encryption key."""
+    return hmac.new(key, b"gateway batch owner", hashlib.sha256).digest()
+
+
 def _positive(text: str) -> int | None:
     return int(text) if text.isdigit() and int(text) > 0 else None
 
@@ -242,6 +286,23 @@ class SqliteJournal:
         self.instance = os.environ.get(INSTANCE_VARIABLE) or None
         self.observe_write: Callable[[str, int, float], None] | None = None
         """Called with (operation, bytes, seconds) after each durable write (metrics)."""
+        self.takeover_every: float | None = None
+        """One process (or the workers of one supervisor) per file: nothing to take over."""
+
+    async def fence(self, batch_id: str) -> None:
+        """One process owns the file: a batch is never taken over while it runs."""
+
+    async def claim_unfinished(self, instance: str | None = None, *, parked: bool = True) -> list[str]:
+        return await self.unfinished_ids(instance)
+
+    async def claim(self, batch_id: str) -> str | None:
+        return None
+
+    async def release(self, batch_id: str) -> None:
+        """Nothing to park: recovery at the next start-up tries it again."""
+
+    def ended(self, batch_id: str) -> None:
+        """Nothing to track."""
 
     async def open(self) -> None:
         try:
@@ -265,7 +326,7 @@ class SqliteJournal:
         """The HMAC key of batch owners: derived from the journal key when one is configured, else
         a random secret created once per journal file and kept in `meta` (workers share it)."""
         if self._key is not None:
-            return hmac.new(self._key, b"gateway batch owner", hashlib.sha256).digest()
+            return owner_key_from(self._key)
         select = "SELECT value FROM meta WHERE name=?"
         rows = list(await (await self._conn.execute(select, (_OWNER_KEY,))).fetchall())
         if not rows:  # INSERT OR IGNORE: a worker opening the file at the same time may win
@@ -405,13 +466,7 @@ class SqliteJournal:
     def owner_of(self, credentials: Sequence[str]) -> str | None:
         """HMAC-SHA256 (hex) of the `Authorization` value(s) a batch was sent with, under the
         journal's owner key; None without credentials (such a batch cannot be looked up)."""
-        if self._owner_key is None:
-            raise JournalUnavailable("the journal is not open")
-        values = [value.strip() for value in credentials]
-        if not any(values):
-            return None
-        message = "\n".join(values).encode("utf-8", "surrogatepass")
-        return hmac.new(self._owner_key, message, hashlib.sha256).hexdigest()
+        return owner_digest(self._owner_key, credentials)
 
     async def batch_id_for(self, request_id: str, owner: str | None) -> str | None:
         """The newest batch the same owner sent with this X-Request-ID (a client whose connection
@@ -593,10 +648,29 @@ def _operation(sql: str) -> str:
     return f"{sql.split(None, 1)[0].lower()}_{table.group(1) if table else 'other'}"
 
 
-def open_journal(config: GatewayConfig, config_file: str = "<config>") -> SqliteJournal:
-    """The configured journal (not yet opened), with its sensitive headers and encryption key.
+def open_journal(config: GatewayConfig, config_file: str = "<config>") -> Journal:
+    """The configured journal (not yet opened), with its sensitive headers and encryption key:
+    PostgreSQL when `journal.url` is set, else the SQLite file.
 
-    Raises ConfigError when a configured key cannot be read.
+    Raises ConfigError when a configured key cannot be read, or the PostgreSQL driver is missing.
     """
     key = load_key(config.journal.key_env, config.journal.key_file, config_file)
-    return SqliteJournal(config.journal.path, HeaderSealer(config.journal.sensitive, key), key=key)
+    sealer = HeaderSealer(config.journal.sensitive, key)
+    if config.journal.url is None:
+        return SqliteJournal(config.journal.path, sealer, key=key)
+    problem = postgres_driver_problem()
+    if problem is not None:
+        raise ConfigError(config_file, "journal.url", problem)
+    from gateway.atomicity.pg_journal import PostgresJournal
+
+    return PostgresJournal(config.journal, sealer, key=key)
+
+
+def postgres_driver_problem() -> str | None:
+    """Why a PostgreSQL journal cannot be used in this installation, or None."""
+    try:
+        import asyncpg  # noqa: F401
+    except ImportError:
+        return ("a PostgreSQL journal needs the asyncpg driver, which is not installed: "
+                "pip install 'batch-gateway[postgres]'")
+    return None

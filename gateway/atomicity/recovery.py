@@ -25,7 +25,7 @@ from gateway.atomicity.secrets import SecretUnavailable
 from gateway.atomicity.state import BatchState, BatchStateMachine
 from gateway.atomicity.tx_calls import TransactionFailed, end_transaction, lifetime
 from gateway.config import GatewayConfig, Transactions
-from gateway.errors import JournalUnavailable
+from gateway.errors import BatchLost, JournalUnavailable
 from gateway.routing import RouteTable
 from gateway.upstream import UpstreamPool
 
@@ -39,6 +39,8 @@ class RecoveryReport:
     outcomes: dict[str, BatchState] = field(default_factory=dict)
     needs_operator: dict[str, str] = field(default_factory=dict)
     """Batch id -> why: left unfinished (upstream gone, journal unwritable) or rollback_incomplete."""
+    lost: list[str] = field(default_factory=list)
+    """Batches another instance took over while this one recovered them (a shared journal)."""
 
     @property
     def clean(self) -> bool:
@@ -53,12 +55,14 @@ class Recovery:
     ) -> None:
         self._config, self._routes, self._pool, self._journal = config, routes, pool, journal
 
-    async def run(self, instance: str | None = None) -> RecoveryReport:
-        """Recover every unfinished batch (or those of one worker `instance`); never raises
-        because of what a batch record holds."""
+    async def run(self, instance: str | None = None, *, parked: bool = True) -> RecoveryReport:
+        """Recover every unfinished batch this process may take (`Journal.claim_unfinished`: with
+        SQLite all, or those of one dead worker `instance`; with a shared journal those whose
+        owner's lease expired, and parked ones with `parked`); never raises because of what a
+        batch record holds."""
         report = RecoveryReport()
         try:
-            batch_ids = await self._journal.unfinished_ids(instance)
+            batch_ids = await self._journal.claim_unfinished(instance, parked=parked)
         except JournalUnavailable as exc:
             log.error("recovery_journal_unreadable", detail=exc.detail)
             report.needs_operator["*"] = f"the journal could not be read: {exc.detail}"
@@ -81,6 +85,7 @@ class Recovery:
                           missing_upstreams=sorted(missing),
                           hint="restore those upstreams in the config and restart")
                 report.needs_operator[batch_id] = reason
+                await self._journal.release(batch_id)
                 return
             if batch.state.final and not (retry and batch.state is BatchState.ROLLBACK_INCOMPLETE):
                 report.outcomes[batch_id] = batch.state
@@ -89,6 +94,11 @@ class Recovery:
         except SecretUnavailable as exc:  # acting without the credentials would fail and lose them
             log.error("batch_secrets_unreadable", batch_id=batch_id, detail=str(exc))
             report.needs_operator[batch_id] = f"kept unfinished: {exc}"
+            await self._journal.release(batch_id)
+            return
+        except BatchLost as exc:  # a shared journal: another instance owns it now and finishes it
+            log.error("batch_lost", batch_id=batch_id, detail=exc.detail, during="recovery")
+            report.lost.append(batch_id)
             return
         except Exception as exc:  # a record this gateway cannot act on must not stop the others
             log.exception("batch_recovery_failed", batch_id=batch_id)
@@ -310,7 +320,11 @@ async def with_recovery(
             return await recovery.run(instance)
         report = RecoveryReport()
         for batch_id in batch_ids:
-            await recovery.recover(batch_id, report, retry=True)
+            refusal = await journal.claim(batch_id)
+            if refusal is None:
+                await recovery.recover(batch_id, report, retry=True)
+            else:
+                report.needs_operator[batch_id] = refusal
         return report
     finally:
         await pool.close()

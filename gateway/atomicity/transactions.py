@@ -18,7 +18,7 @@ from gateway.atomicity.tx_calls import (
     token_problem,
 )
 from gateway.config import Rollback, Transactions
-from gateway.errors import JournalUnavailable, UpstreamError
+from gateway.errors import BatchLost, JournalUnavailable, UpstreamError
 from gateway.routing import RouteTable
 from gateway.upstream import UpstreamPool
 
@@ -48,6 +48,8 @@ class TransactionSet:
         self.lost: dict[str, str] = {}
         """Upstreams where a transaction may be open whose token the gateway never got."""
         self.journal_error: str | None = None
+        self.batch_lost: BatchLost | None = None
+        """A shared journal fenced the batch off: no begin, commit or rollback is sent after it."""
 
     def header(self, upstream: str) -> str:
         return self._settings[upstream].header
@@ -82,6 +84,9 @@ class TransactionSet:
         )
         try:
             await self._journal.tx_state(self._batch_id, upstream, "beginning", headers=own)
+        except BatchLost as exc:
+            self.batch_lost = self.batch_lost or exc
+            raise TransactionFailed(f"begin on {upstream!r} not sent: {exc.detail}") from None
         except JournalUnavailable as exc:
             raise TransactionFailed(f"begin on {upstream!r} not sent: {exc.detail}") from None
         if upstream not in self.begun:  # a retried begin (the first one failed) is still one
@@ -109,6 +114,8 @@ class TransactionSet:
         (what the batch holds is known in memory, and the coordinator reports the journal failure)."""
         try:
             await self._journal.tx_state(self._batch_id, upstream, state, token=token)
+        except BatchLost as exc:
+            self.batch_lost = self.batch_lost or exc
         except JournalUnavailable as exc:
             self.journal_error = exc.detail
 
@@ -117,6 +124,8 @@ class TransactionSet:
 
         A rollback also reports a transaction that may have been opened but never identified.
         """
+        if not await self._still_owned():
+            return f"not {'committed' if commit else 'rolled back'} here: the batch was taken over"
         token = self.tokens.get(upstream)
         lost = None if commit else self.lost.get(upstream)
         if token is None:
@@ -133,6 +142,21 @@ class TransactionSet:
             return str(exc)
         await self._note(upstream, _done(commit))
         return lost
+
+
+    async def _still_owned(self) -> bool:
+        """A fenced-off batch sends no commit or rollback; a journal that cannot answer does not
+        stop them (nobody can take the batch over through a journal that is down)."""
+        if self.batch_lost is not None:
+            return False
+        try:
+            await self._journal.fence(self._batch_id)
+        except BatchLost as exc:
+            self.batch_lost = exc
+            return False
+        except JournalUnavailable as exc:
+            self.journal_error = exc.detail
+        return True
 
 
 def _done(commit: bool) -> str:
