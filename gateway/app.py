@@ -6,12 +6,10 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from importlib import resources
 
 import structlog
 from aiohttp import HttpVersion, HttpVersion10, HttpVersion11, web
@@ -39,6 +37,7 @@ from gateway.metrics import (
     recovered_by_supervisor,
     status_class,
 )
+from gateway.openapi import build_document
 from gateway.problem import PROBLEM_JSON, problem_body
 from gateway.proxy import proxy_handler
 from gateway.routing import RouteTable
@@ -208,22 +207,13 @@ async def metrics(request: web.Request) -> web.Response:
     return response
 
 
-@functools.cache
-def _openapi_template() -> str:
-    return resources.files("gateway.schemas").joinpath("gateway_openapi.json").read_text()
-
-
 async def openapi(request: web.Request) -> web.Response:
+    """The document generated from this generation's config (gateway/openapi.py), built once."""
     request[KIND] = "gateway"
     gateway = gateway_of(request)
-    doc = json.loads(_openapi_template())
-    cfg = gateway.config
-    paths = doc["paths"]
-    paths[cfg.batch.json_endpoint.path] = paths.pop("/batch/v1")
-    paths[cfg.batch.multipart_endpoint.path] = paths.pop("/v1/api/batch")
-    for name in ("healthz", "readyz", "metrics", "openapi.json"):
-        paths[f"{cfg.gateway.prefix}/{name}"] = paths.pop(f"/_gateway/{name}")
-    return web.json_response(doc)
+    if "openapi" not in gateway.extras:
+        gateway.extras["openapi"] = json.dumps(build_document(gateway.config)).encode()
+    return web.Response(body=gateway.extras["openapi"], content_type="application/json")
 
 
 async def _only_get(request: web.Request) -> web.Response:

@@ -26,6 +26,7 @@ from gateway.errors import (
 )
 from gateway.formats.json_batch import JsonBatchCodec
 from gateway.formats.multipart_batch import MultipartBatchCodec
+from gateway.headers import REQUEST_ID_HEADER
 from gateway.model import BatchReport, ExecutionMode, Item
 from gateway.planning import OuterRequest
 from gateway.runtime import BATCH_ID, KIND, REQUEST_ID, gateway_of
@@ -35,6 +36,12 @@ log = structlog.get_logger("gateway.batch")
 ATOMIC_HEADER = "X-Batch-Atomic"
 EXECUTION_HEADER = "X-Batch-Execution"
 CONTROL_HEADERS = (ATOMIC_HEADER, EXECUTION_HEADER)
+ATOMIC_TRUE = ("true", "1", "yes")
+ATOMIC_FALSE = ("false", "0", "no")
+"""The values `X-Batch-Atomic` takes (any case, surrounding whitespace ignored)."""
+BATCH_ID_HEADER = "X-Batch-Id"
+OUTCOME_HEADER = "X-Batch-Outcome"
+"""Answer headers: the batch's id (also on its problem answers), an atomic batch's outcome."""
 
 
 async def read_body(request: web.Request, limit: int, where: str) -> bytes:
@@ -101,9 +108,9 @@ def wants_atomic(request: web.Request, endpoint: BatchEndpoint) -> bool:
     value = request.headers.get(ATOMIC_HEADER)
     if value is None:
         return endpoint.atomic
-    if value.strip().lower() in ("true", "1", "yes"):
+    if value.strip().lower() in ATOMIC_TRUE:
         return True
-    if value.strip().lower() in ("false", "0", "no"):
+    if value.strip().lower() in ATOMIC_FALSE:
         return False
     raise ClientError(f"{ATOMIC_HEADER} must be true or false, got {value[:50]!r}", where=ATOMIC_HEADER)
 
@@ -145,7 +152,7 @@ async def write_answer(
     request: web.Request, chunks: Iterator[bytes], content_type: str, headers: dict[str, str]
 ) -> web.StreamResponse:
     """A small answer goes out with Content-Length; a bigger one chunked, as it is encoded."""
-    headers = {**headers, "Content-Type": content_type, "X-Request-ID": request[REQUEST_ID]}
+    headers = {**headers, "Content-Type": content_type, REQUEST_ID_HEADER: request[REQUEST_ID]}
     first = next(chunks, b"")
     second = next(chunks, None)
     if second is None:
@@ -163,9 +170,9 @@ async def write_answer(
 
 
 def report_headers(report: BatchReport) -> dict[str, str]:
-    headers = {"X-Batch-Id": report.batch_id}
+    headers = {BATCH_ID_HEADER: report.batch_id}
     if report.atomic_outcome is not None:
-        headers["X-Batch-Outcome"] = report.atomic_outcome.value
+        headers[OUTCOME_HEADER] = report.atomic_outcome.value
     return headers
 
 

@@ -127,6 +127,9 @@ def new_request_id() -> str:
 
 
 FORWARDING = ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded")
+REQUEST_ID_HEADER = "X-Request-ID"
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:/+=-]{1,128}$"
+"""A client's X-Request-ID is kept when it matches this (app.py), else replaced by a new one."""
 
 
 class TrustedProxies:
@@ -167,7 +170,7 @@ def add_forwarding(
     element = forwarded_element(client_ip, proto, host)
     prior_forwarded = ", ".join(headers.getall("Forwarded", []))
     headers["Forwarded"] = f"{prior_forwarded}, {element}" if prior_forwarded else element
-    headers["X-Request-ID"] = request_id
+    headers[REQUEST_ID_HEADER] = request_id
 
 
 def forwarded_element(client_ip: str | None, proto: str, host: str | None) -> str:

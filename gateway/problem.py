@@ -14,10 +14,16 @@ PROBLEM_JSON = "application/problem+json"
 _TYPE_BASE = "https://batch-gateway.dev/problems/"
 
 
+def problem_type(type_suffix: str) -> str:
+    """The `type` URI of a problem: a stable identifier, each documented in the README's
+    "Problem types" section and in the OpenAPI document's `x-problem-types`."""
+    return _TYPE_BASE + type_suffix
+
+
 def problem_document(error: GatewayError, *, request_id: str, instance: str) -> dict[str, Any]:
     """The problem object: type, title, status, detail, where (pointer/part) and the request id."""
     doc: dict[str, Any] = {
-        "type": _TYPE_BASE + error.type_suffix,
+        "type": problem_type(error.type_suffix),
         "title": error.title,
         "status": error.status,
         "detail": error.detail,

@@ -270,7 +270,7 @@ class AtomicRun:
         """Take the snapshot GET (identity-encoded, checked, within the journal budget)."""
         try:
             call = snapshot_call(intent, self.ctx)
-        except UndoImpossible as exc:
+        except (UndoImpossible, UntrustedValue) as exc:  # e.g. a snapshot path `//x`: never sent
             return CallFailure(502, f"not sent: no snapshot could be taken ({exc})")
         if call is None:
             return None

@@ -35,6 +35,8 @@ _TEXT_TYPES = frozenset(
     }
 )
 _UTF8_CHARSETS = frozenset({"utf-8", "utf8", "us-ascii", "ascii"})
+BODY_ENCODINGS = ("json", "text", "base64", "empty")
+"""The values of a Result's `body_encoding` (see `_encode_body`); documented by gateway/openapi.py."""
 
 
 def _encode_node(node: ResultNode) -> dict[str, object]:

@@ -37,6 +37,14 @@ _TOKEN_RE = re.compile(_TOKEN)
 _CONTENT_TYPE = "Content-Type"
 _BATCH = "body"
 
+# Public for gateway/openapi.py, which documents the accepted request from these.
+MEDIA_TYPE = "multipart/mixed"
+PART_MEDIA_TYPE = "application/http"
+BOUNDARY_PATTERN = _BOUNDARY.pattern
+"""RFC 2046 bchars, 1-70 of them, not ending in a space: the required `boundary` parameter."""
+NOT_EXECUTED_STATUS = 424
+"""The status of the answer part of a request part that was not executed."""
+
 
 class MultipartBatchCodec:
     """Decode a multipart/mixed batch into the neutral model and encode its results back."""

@@ -1,4 +1,4 @@
-"""Packaged JSON documents: the seed batch OpenAPI (000) and the gateway's own OpenAPI.
+"""Packaged JSON documents: the seed's batch OpenAPI (000), the source of the JSON batch shapes.
 
-Read with importlib.resources; nothing to import here.
+Read with importlib.resources by gateway/openapi_batch.py (and the tests); nothing to import here.
 """
