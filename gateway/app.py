@@ -345,10 +345,16 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             await pool.close()
         await gateway.batches.journal.close()
         gateway.pool.tracing.shutdown()
+        gateway.metrics.flush()  # with workers: this worker's last updates into the shared files
 
 
-async def _refresh_process_metrics(gateway: Gateway, every: float = 5.0) -> None:
-    """With workers, each one writes its process and GC figures for the merged scrape."""
+async def _refresh_process_metrics(gateway: Gateway, every: float = 1.0, process_every: int = 5) -> None:
+    """With workers, each one writes its gathered updates every second and its process and GC
+    figures every five, for the merged scrape (one process writes its own at each scrape)."""
+    ticks = 0
     while gateway.metrics.multiprocess:
-        gateway.metrics.refresh_process()
+        gateway.metrics.flush()
+        if ticks % process_every == 0:
+            gateway.metrics.refresh_process()
+        ticks += 1
         await asyncio.sleep(every)

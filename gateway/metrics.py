@@ -10,6 +10,7 @@ import contextlib
 import gc
 import os
 import threading
+from bisect import bisect_left
 from typing import Any
 
 import prometheus_client
@@ -160,12 +161,19 @@ class GatewayMetrics:
     # -- upstream calls -------------------------------------------------------------------------
 
     def child(self, metric: Counter | Gauge | Histogram, *labels: str) -> Any:
-        """`metric.labels(*labels)`, memoized: the hot path looks each series up once."""
+        """The series `metric.labels(*labels)` as a gathering one (see `_Gathered`), memoized: the
+        hot path looks each series up once, and an update is an addition, not a lock."""
         key = (id(metric), labels)
         found = self._children.get(key)
         if found is None:
-            found = self._children[key] = metric.labels(*labels)
+            found = self._children[key] = _gathered(metric, metric.labels(*labels))
         return found
+
+    def flush(self) -> None:
+        """Write every gathered update to prometheus-client (before each scrape; with workers
+        also every second, see gateway/app.py, so the merged scrape lags by at most that)."""
+        for series in self._children.values():
+            series.flush()
 
     def upstream_error(self, upstream: str, kind: str, limit: str | None) -> None:
         self.upstream_errors.labels(upstream, kind).inc()
@@ -197,6 +205,7 @@ class GatewayMetrics:
 
     def render(self) -> bytes:
         """The exposition text: this process's registry, or every worker's series merged."""
+        self.flush()
         self._process.refresh()
         directory = multiprocess_dir()
         if directory is None:
@@ -204,6 +213,92 @@ class GatewayMetrics:
         merged = CollectorRegistry()
         multiprocess.MultiProcessCollector(merged, path=directory)  # type: ignore[no-untyped-call]
         return generate_latest(merged)
+
+
+class _GatheredCounter:
+    """A counter's increments gathered until `flush` (see `_gathered`)."""
+
+    __slots__ = ("_child", "_pending")
+
+    def __init__(self, child: Any) -> None:
+        self._child, self._pending = child, 0.0
+
+    def inc(self, amount: float = 1) -> None:
+        if amount < 0:
+            raise ValueError("counters can only be incremented by non-negative amounts")
+        self._pending += amount
+
+    def flush(self) -> None:
+        if self._pending:
+            pending, self._pending = self._pending, 0.0
+            self._child.inc(pending)
+
+
+class _GatheredGauge:
+    """A gauge's increments and decrements gathered until `flush`; `set` writes at once."""
+
+    __slots__ = ("_child", "_pending")
+
+    def __init__(self, child: Any) -> None:
+        self._child, self._pending = child, 0.0
+
+    def inc(self, amount: float = 1) -> None:
+        self._pending += amount
+
+    def dec(self, amount: float = 1) -> None:
+        self._pending -= amount
+
+    def set(self, value: float) -> None:
+        self._pending = 0.0
+        self._child.set(value)
+
+    def flush(self) -> None:
+        if self._pending:
+            pending, self._pending = self._pending, 0.0
+            self._child.inc(pending)
+
+
+class _GatheredHistogram:
+    """A histogram's observations counted per bucket until `flush`, which adds them to the
+    child's bucket and sum values: what `Histogram.observe` does one at a time (it reads the
+    same `_upper_bounds`, `_buckets` and `_sum`; tests/test_metrics.py checks the exposition
+    is the same as prometheus-client's own)."""
+
+    __slots__ = ("_bounds", "_child", "_counts", "_sum")
+
+    def __init__(self, child: Any) -> None:
+        self._child = child
+        self._bounds: list[float] = list(child._upper_bounds)
+        self._counts = [0] * len(self._bounds)
+        self._sum = 0.0
+
+    def observe(self, amount: float) -> None:
+        index = bisect_left(self._bounds, amount)  # the first bucket whose bound is >= amount
+        if index < len(self._counts):
+            self._counts[index] += 1
+        self._sum += amount
+
+    def flush(self) -> None:
+        counts = self._counts
+        if not any(counts) and not self._sum:
+            return
+        child = self._child
+        child._sum.inc(self._sum)
+        for index, count in enumerate(counts):
+            if count:
+                child._buckets[index].inc(count)
+        self._counts, self._sum = [0] * len(counts), 0.0
+
+
+def _gathered(metric: Counter | Gauge | Histogram, child: Any) -> Any:
+    """A series whose updates are gathered in plain Python and written to its prometheus-client
+    child by `flush`: each prometheus-client update takes a lock and a few checks, about 1 us; a
+    proxied request made 14 of them (about a tenth of its CPU)."""
+    if isinstance(metric, Histogram):
+        return _GatheredHistogram(child)
+    if isinstance(metric, Gauge):
+        return _GatheredGauge(child)
+    return _GatheredCounter(child)
 
 
 def count_recovered(metrics: GatewayMetrics, outcomes: list[str]) -> None:

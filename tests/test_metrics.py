@@ -11,14 +11,18 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import create_app
 from gateway.atomicity.journal import SqliteJournal
 from gateway.atomicity.state import BatchState
 from gateway.demo.services import FaultRule
+from gateway.metrics import GatewayMetrics
 from tests.conftest import MakeConfig, MakeGateway, state_of
 
 Client = TestClient[web.Request, web.Application]
@@ -297,3 +301,49 @@ async def test_a_transaction_rollback_that_is_retried_counts_its_retries(
     assert value(text, "gateway_upstream_requests_total", upstream="ledger", purpose="rollback") == 2
     assert value(text, "gateway_undo_retries_total", upstream="ledger") == 1
     assert state_of(ledger).transactions == {}
+
+
+_AMOUNTS = st.floats(min_value=0, max_value=100, allow_nan=False) | st.sampled_from(
+    [0.0, 0.001, 0.0025, 0.05, 1.0, 30.0, 31.0, 1e9]  # on and just past bucket bounds, past the last
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    observations=st.lists(_AMOUNTS, max_size=40),
+    increments=st.lists(st.integers(min_value=0, max_value=5), max_size=20),
+    gauge_steps=st.lists(st.integers(min_value=-3, max_value=3), max_size=20),
+    flush_every=st.integers(min_value=1, max_value=10),
+)
+def test_gathered_updates_expose_the_same_series_as_prometheus_client_s_own(
+    observations: list[float], increments: list[int], gauge_steps: list[int], flush_every: int
+) -> None:
+    """The hot path's updates are gathered and flushed into prometheus-client's values (a scrape
+    flushes first): the exposition must equal the one of the same updates made directly, however
+    they are split between flushes."""
+    direct, gathered = GatewayMetrics(), GatewayMetrics()
+    for index, amount in enumerate(observations):
+        direct.upstream_duration.labels("u", "subrequest", "2xx").observe(amount)
+        gathered.child(gathered.upstream_duration, "u", "subrequest", "2xx").observe(amount)
+        if index % flush_every == 0:
+            gathered.flush()
+    for amount in increments:
+        direct.upstream_calls.labels("u", "subrequest", "2xx").inc(amount)
+        gathered.child(gathered.upstream_calls, "u", "subrequest", "2xx").inc(amount)
+    for step in gauge_steps:
+        direct.pool_in_use.labels("u").inc(step)
+        gathered.child(gathered.pool_in_use, "u").inc(step)
+
+    def series(metrics: GatewayMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        text = metrics.render().decode()
+        return {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text)
+            if family.name.startswith("gateway_upstream")
+            for sample in family.samples
+        }
+
+    expected, got = series(direct), series(gathered)
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-9), key

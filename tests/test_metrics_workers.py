@@ -64,6 +64,11 @@ async def test_one_scrape_shows_traffic_served_by_both_workers(
             assert response.status == 200
 
     per_worker = per_worker_proxied(directory)
+    for _ in range(50):  # each worker writes what it gathered every second
+        if sum(per_worker.values()) == REQUESTS:
+            break
+        await asyncio.sleep(0.1)
+        per_worker = per_worker_proxied(directory)
     assert set(per_worker) == {worker.pid for worker in workers}, per_worker
     assert all(count > 0 for count in per_worker.values()), per_worker  # both served some
     assert not (directory / "counter_999999.db").exists()
