@@ -20,6 +20,7 @@ from referencing.jsonschema import DRAFT202012
 
 import gateway
 from gateway.errors import ClientError, HeadersTooLarge, MalformedBatch, PayloadTooLarge
+from gateway.formats._json_results import _dump, _encode_node, iter_document
 from gateway.formats.json_batch import JsonBatchCodec
 from gateway.model import (
     Batch,
@@ -841,3 +842,40 @@ def test_a_big_answer_is_encoded_in_chunks_that_join_to_the_same_compact_json() 
     assert document["Batch"]["items"][1]["Batch"]["items"][0]["SingleItem"]["Result"]["body"] == (
         base64.b64encode(big).decode()
     )
+
+
+_outcomes = st.one_of(
+    st.builds(
+        SubResponse,
+        status=st.integers(200, 599),
+        reason=st.just("R"),
+        headers=st.lists(
+            st.tuples(st.sampled_from(["Content-Type", "X-A", "ETag"]),
+                      st.sampled_from(["application/json", "text/plain", "a\u00e9", "1"])),
+            max_size=3,
+        ).map(tuple),
+        body=st.sampled_from([b"", b'{"a":[1,2]}', b"plain", b"\xff\x00", "\u00e9t\u00e9".encode()]),
+    ),
+    st.builds(CallFailure, status=st.sampled_from([502, 504]), reason=st.text(max_size=10),
+              maybe_executed=st.booleans()),
+    st.builds(Skipped, reason=st.text(max_size=10)),
+)
+_leaves = st.builds(ItemResult, _outcomes)
+_trees = st.recursive(
+    _leaves,
+    lambda inner: st.builds(
+        BatchResult, st.sampled_from(list(ExecutionMode)), st.lists(inner, max_size=4).map(tuple)
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(root=_trees, tail=st.dictionaries(st.sampled_from(["batch_id", "atomic"]), st.text(max_size=5)))
+def test_the_answer_streamed_piece_by_piece_is_byte_for_byte_the_whole_document(
+    root: ResultNode, tail: dict[str, object]
+) -> None:
+    """iter_document writes one piece per item; joined, they are exactly the document encoded at once."""
+    streamed = b"".join(iter_document(root, tail))
+    assert streamed == _dump({**_encode_node(root), **tail})
+    json.loads(streamed)

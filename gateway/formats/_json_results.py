@@ -192,37 +192,38 @@ def iter_document(root: ResultNode, tail: dict[str, object]) -> Iterator[bytes]:
 
 
 def _iter_pieces(root: ResultNode, tail: dict[str, object]) -> Iterator[str]:
-    node_pieces = _iter_node(root)
-    yield from _all_but_last_brace(node_pieces)
-    for key, value in tail.items():
-        yield "," + _dumps(key) + ":" + _dumps(value)
-    yield "}"
-
-
-def _all_but_last_brace(pieces: Iterator[str]) -> Iterator[str]:
-    """A node's pieces without the closing `}` of its outer object (the tail keys go there)."""
-    previous: str | None = None
-    for piece in pieces:
-        if previous is not None:
-            yield previous
-        previous = piece
-    assert previous is not None and previous.endswith("}")
-    yield previous[:-1]
+    """The document's text in pieces: one per item (and per nested batch's brackets), the tail
+    keys inside the root object's closing brace."""
+    end = "".join("," + _dumps(key) + ":" + _dumps(value) for key, value in tail.items()) + "}"
+    if isinstance(root, ItemResult):
+        yield '{"SingleItem":' + _dumps(_encode_item(root)) + end
+        return
+    yield '{"Batch":{"items":['
+    yield from _iter_items(root)
+    yield "]}" + end
 
 
 def _iter_node(node: ResultNode) -> Iterator[str]:
+    """A node that is not the root, as it appears in its batch's `items`."""
     if isinstance(node, ItemResult):
-        yield '{"SingleItem":'
-        yield _dumps(_encode_item(node))
-        yield "}"
+        yield '{"SingleItem":' + _dumps(_encode_item(node)) + "}"
         return
     assert isinstance(node, BatchResult)
     yield '{"Batch":{"items":['
-    for index, child in enumerate(node.items):
+    yield from _iter_items(node)
+    yield "]}}"
+
+
+def _iter_items(batch: BatchResult) -> Iterator[str]:
+    """A batch's items, comma-separated: one piece per item (a generator per nested batch only)."""
+    for index, child in enumerate(batch.items):
+        if isinstance(child, ItemResult):
+            text = '{"SingleItem":' + _dumps(_encode_item(child)) + "}"
+            yield "," + text if index else text
+            continue
         if index:
             yield ","
         yield from _iter_node(child)
-    yield "]}}"
 
 
 def _utf8(text: str) -> bytes:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
 from collections.abc import Iterator
 from itertools import accumulate
 
@@ -63,32 +64,43 @@ def _nesting_depth(data: bytes, limit: int) -> int:
     return max(accumulate(map(_BRACKET_STEP.__getitem__, brackets), initial=0))
 
 
+class _Repeats(threading.local):
+    """Whether the document `_loads` is parsing repeated a key (set by `_pairs_hook`)."""
+
+    found = False
+
+
+_REPEATS = _Repeats()
+
+
+def _pairs_hook(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    obj = dict(pairs)
+    if len(obj) == len(pairs):
+        return obj
+    _REPEATS.found = True
+    return _DuplicateKeys(obj, _first_repeated(pairs))
+
+
+_DECODER = json.JSONDecoder(
+    object_pairs_hook=_pairs_hook, parse_constant=_reject_constant, parse_float=_finite_float
+)
+
+
 def _loads(text: str) -> tuple[object, bool]:
-    """Strict RFC 8259 JSON (no NaN, no overflowing numbers); also says whether a key repeated."""
-    repeated: list[str] = []
+    """Strict RFC 8259 JSON (no NaN, no overflowing numbers); also says whether a key repeated.
 
-    def pairs_hook(pairs: list[tuple[str, object]]) -> dict[str, object]:
-        obj = dict(pairs)
-        if len(obj) == len(pairs):
-            return obj
-        key = _first_repeated(pairs)
-        repeated.append(key)
-        return _DuplicateKeys(obj, key)
-
+    One decoder for every call (`json.loads` with hooks builds one per call: most of the cost of
+    a small upstream body); the repeat flag is per thread, and nothing awaits in between."""
+    _REPEATS.found = False
     try:
-        value = json.loads(
-            text,
-            object_pairs_hook=pairs_hook,
-            parse_constant=_reject_constant,
-            parse_float=_finite_float,
-        )
+        value = _DECODER.decode(text)
     except json.JSONDecodeError as exc:
         raise _NotJson(f"{exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except ValueError:  # int() refuses more than sys.get_int_max_str_digits() digits
         raise _NotJson("a number has too many digits") from None
     except RecursionError:  # pre-empted by `_nesting_depth`; kept so it can never escape
         raise _NotJson("it is nested too deep") from None
-    return value, bool(repeated)
+    return value, _REPEATS.found
 
 
 def _first_repeated(pairs: list[tuple[str, object]]) -> str:
