@@ -4,7 +4,8 @@ FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md constraints.txt ./
 COPY gateway ./gateway
-RUN pip install --no-cache-dir --prefix=/install -c constraints.txt .
+# The [postgres] extra: asyncpg, for a journal shared by replicas (journal.url); unused with SQLite.
+RUN pip install --no-cache-dir --prefix=/install -c constraints.txt ".[postgres]"
 
 FROM python:3.11-slim
 COPY --from=build /install /usr/local
