@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from types import TracebackType
 from typing import TYPE_CHECKING
 
 from gateway import __version__
@@ -69,7 +70,7 @@ _TOKEN_IN_PATH = frozenset({"commit", "rollback"})
 class _OtelSpan(Span):
     """One SDK span behind the gateway's Span interface; its status is decided when it ends."""
 
-    __slots__ = ("_context", "_failure", "_span", "_status")
+    __slots__ = ("_context", "_failure", "_span", "_status", "_token")
 
     def __init__(self, span: trace.Span, context: Context) -> None:
         self._span = span
@@ -105,6 +106,22 @@ class _OtelSpan(Span):
             _BAGGAGE.inject(carrier, context=self._context)
             out.extend(carrier.items())
         return tuple(out)
+
+    # -- current while its block runs, then ended -------------------------------------------------
+
+    def __enter__(self) -> _OtelSpan:
+        """The span current (asyncio copies the context into tasks started meanwhile). A class,
+        not a generator: it runs once per upstream call."""
+        self._token = otel_context.attach(self._context)
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc is not None:
+            self._escaped(exc)
+        otel_context.detach(self._token)
+        self._end()
 
     # -- ending -----------------------------------------------------------------------------------
 
@@ -223,7 +240,7 @@ class OtelTracing(Tracing):
             "HTTP" if method == "_OTHER" else method, context=parent, kind=SpanKind.SERVER,
             attributes=attributes, record_exception=False, set_status_on_exception=False,
         )
-        with self._current(_ServerSpan(span, trace.set_span_in_context(span, parent), method)) as wrapped:
+        with _ServerSpan(span, trace.set_span_in_context(span, parent), method) as wrapped:
             yield wrapped
 
     @contextmanager
@@ -239,7 +256,7 @@ class OtelTracing(Tracing):
                         "gateway.kind": kind},
             record_exception=False, set_status_on_exception=False,
         )
-        with self._current(_BatchSpan(span, trace.set_span_in_context(span, parent))) as wrapped:
+        with _BatchSpan(span, trace.set_span_in_context(span, parent)) as wrapped:
             yield wrapped
 
     @contextmanager
@@ -275,29 +292,8 @@ class OtelTracing(Tracing):
             kind=SpanKind.CLIENT, attributes=attributes,
             record_exception=False, set_status_on_exception=False,
         )
-        wrapped = _OtelSpan(span, trace.set_span_in_context(span, parent))
-        token = otel_context.attach(wrapped._context)  # _current inlined: once per upstream call
-        try:
+        with _OtelSpan(span, trace.set_span_in_context(span, parent)) as wrapped:
             yield wrapped
-        except BaseException as exc:
-            wrapped._escaped(exc)
-            raise
-        finally:
-            otel_context.detach(token)
-            wrapped._end()
-
-    @contextmanager
-    def _current(self, wrapped: _OtelSpan) -> Iterator[_OtelSpan]:
-        """The span current (asyncio copies the context into tasks started meanwhile), then ended."""
-        token = otel_context.attach(wrapped._context)
-        try:
-            yield wrapped
-        except BaseException as exc:
-            wrapped._escaped(exc)
-            raise
-        finally:
-            otel_context.detach(token)
-            wrapped._end()
 
     def shutdown(self) -> None:
         """Export what is pending and stop (once; later calls do nothing)."""
