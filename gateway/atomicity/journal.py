@@ -253,6 +253,13 @@ def owner_digest(key: bytes | None, credentials: Sequence[str]) -> str | None:
     return hmac.new(key, message, hashlib.sha256).hexdigest()
 
 
+def same_owner(recorded: str | None, owner: str | None) -> bool:
+    """Whether a batch recorded with owner digest `recorded` is `owner`'s: compared in constant time
+    even when either is missing (an unknown id must take as long), never true without both."""
+    same = hmac.compare_digest(str(recorded or "-"), owner or "")
+    return same and recorded is not None and owner is not None
+
+
 def owner_key_from(key: bytes) -> bytes:
     """The owner HMAC key derived from a configured journal encryption key."""
     return hmac.new(key, b"gateway batch owner", hashlib.sha256).digest()
@@ -477,16 +484,14 @@ class SqliteJournal:
             "SELECT batch_id, owner FROM batches WHERE request_id=? ORDER BY created DESC LIMIT 20",
             (request_id,),
         )
-        return next((row[0] for row in rows if hmac.compare_digest(str(row[1] or "-"), owner)), None)
+        return next((row[0] for row in rows if same_owner(row[1], owner)), None)
 
     async def lookup(self, batch_id: str, owner: str | None) -> BatchStatus | None:
         """The batch's states if `owner` is the one it was sent with; None when it is unknown,
         pruned, another owner's, or was sent without credentials (never told apart). Reads no
         secret, header or body."""
         rows = await self._read("SELECT state, detail, owner FROM batches WHERE batch_id=?", (batch_id,))
-        recorded = rows[0][2] if rows else None
-        same = hmac.compare_digest(str(recorded or "-"), owner or "")  # compared for unknown ids too
-        if not rows or recorded is None or owner is None or not same:
+        if not same_owner(rows[0][2] if rows else None, owner):  # also when unknown: no row
             return None
         steps = await self._read(
             "SELECT position, json_extract(intent, '$.where'), json_extract(intent, '$.method'), "

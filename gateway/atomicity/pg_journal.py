@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import os
 import socket
@@ -34,6 +33,7 @@ from gateway.atomicity.journal import (
     StepStatus,
     owner_digest,
     owner_key_from,
+    same_owner,
 )
 from gateway.atomicity.pg_lease import Lease, expire_instance, renew_periodically
 from gateway.atomicity.pg_schema import lock_key, migrate
@@ -501,13 +501,11 @@ class PostgresJournal:
             "SELECT batch_id, owner FROM batches WHERE request_id = $1 ORDER BY created DESC LIMIT 20",
             request_id,
         )
-        return next((row[0] for row in rows if hmac.compare_digest(str(row[1] or "-"), owner)), None)
+        return next((row[0] for row in rows if same_owner(row[1], owner)), None)
 
     async def lookup(self, batch_id: str, owner: str | None) -> BatchStatus | None:
         rows = await self._read("SELECT state, detail, owner FROM batches WHERE batch_id = $1", batch_id)
-        recorded = rows[0][2] if rows else None
-        same = hmac.compare_digest(str(recorded or "-"), owner or "")  # compared for unknown ids too
-        if not rows or recorded is None or owner is None or not same:
+        if not same_owner(rows[0][2] if rows else None, owner):  # also when unknown: no row
             return None
         steps = await self._read(
             "SELECT position, (intent::jsonb)->>'where', (intent::jsonb)->>'method', "
