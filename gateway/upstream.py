@@ -302,20 +302,22 @@ class UpstreamPool:
 
     @contextmanager
     def _reporting(self, upstream: str, client_body: bool = False) -> Iterator[None]:
+        """Tell `on_outcome` about a call that ended in an upstream error (see `_report`)."""
+        try:
+            yield
+        except UpstreamError as exc:
+            self._report(upstream, exc, client_body)
+            raise
+
+    def _report(self, upstream: str, error: UpstreamError, client_body: bool = False) -> None:
         """Tell `on_outcome` about a call that ended in an upstream error (busy pools are not).
 
         With a streamed `client_body`, a plain TimeoutError is that body stalling
         (proxy.body_idle_timeout; aiohttp passes it on as is, while the upstream's own timeouts
         are ServerTimeoutErrors): the client's fault, not reported.
         """
-        try:
-            yield
-        except UpstreamError as exc:
-            if not (client_body and type(exc.__cause__) is TimeoutError):
-                self._report(upstream, exc)
-            raise
-
-    def _report(self, upstream: str, error: UpstreamError) -> None:
+        if client_body and type(error.__cause__) is TimeoutError:
+            return
         if self._on_outcome is not None:
             self._on_outcome(upstream, error)
 
@@ -404,8 +406,7 @@ class UpstreamPool:
                         except CLIENT_ERRORS as exc:
                             raise client_error(upstream, exc) from exc
                     except UpstreamError as exc:
-                        if not (streamed and type(exc.__cause__) is TimeoutError):
-                            self._report(upstream, exc)
+                        self._report(upstream, exc, streamed)
                         raise
                     return
                 with self._reporting(upstream, streamed), translate_errors(upstream):
