@@ -22,8 +22,11 @@ from gateway.budget import ByteBudget
 from gateway.config import GatewayConfig
 from gateway.errors import ShuttingDown
 from gateway.execution import Deadline, execute, plain_runner
+from gateway.graph_execution import GraphRun, Services, count_labels
+from gateway.graph_model import GraphBatch, GraphResult
 from gateway.metrics import GatewayMetrics, status_class
 from gateway.model import (
+    BatchOutcome,
     BatchReport,
     Item,
     ItemResult,
@@ -39,6 +42,7 @@ from gateway.upstream import UpstreamPool
 log = structlog.get_logger("gateway.batch")
 _ANSWER_MARGIN = 0.5
 """Seconds before the shutdown deadline at which a still-running atomic batch is answered 503."""
+_WORST_FIRST = (BatchOutcome.ROLLBACK_INCOMPLETE, BatchOutcome.ROLLED_BACK, BatchOutcome.COMMITTED)
 
 
 def new_batch_id() -> str:
@@ -143,6 +147,51 @@ class BatchService:
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
         return await self._until_done_or_shutdown(task, batch_id)
+
+    async def run_graph(
+        self, batch: GraphBatch, outer: OuterRequest, *, batch_id: str, budget: ByteBudget | None = None,
+        kind: str = "graph",
+    ) -> GraphResult:
+        """Run a dependency-graph batch (gateway/graph_execution.py): validated and planned first
+        (4xx, nothing sent; 422 when a group cannot be made atomic), then every item as soon as its
+        dependencies succeeded, atomic groups through the coordinator, each a task of its own
+        shielded from client disconnects as in run_atomic."""
+        deadline, level = self.deadline(), self._config.logging.subrequest_level
+        services = Services(
+            config=self._config, routes=self._routes, pool=self._pool, journal=self.journal,
+            metrics=self._metrics, shielded=self._shielded, deadline=deadline, budget=budget,
+            runner=plain_runner(self._pool, deadline, budget, batch_id, level),
+            owner=self.journal.owner_of(outer.headers.getall("Authorization", [])),
+        )
+        run = GraphRun(batch, self.planner.bind(outer), services, batch_id=batch_id,
+                       max_items=self._config.batch.limits.max_items)
+        self._metrics.batch_size.labels(kind).observe(len(batch.items))
+        with self._in_flight_gauge("false"):
+            result = await run.run()
+        self._count_graph(run, result, kind)
+        return result
+
+    async def _shielded(self, run: AtomicRun) -> BatchReport:
+        """An atomic group of a graph batch, run as in run_atomic: a task of its own."""
+        task = asyncio.ensure_future(self._gauged(run.run()))
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+        return await self._until_done_or_shutdown(task, run.batch_id)
+
+    async def _gauged(self, running: Coroutine[Any, Any, BatchReport]) -> BatchReport:
+        with self._in_flight_gauge("true"):
+            return await running
+
+    def _count_graph(self, run: GraphRun, result: GraphResult, kind: str) -> None:
+        outcomes = {outcome for _, outcome in result.groups}
+        outcome = next((o.value for o in _WORST_FIRST if o in outcomes), "processed")
+        self._metrics.batches.labels(kind, "true" if outcomes else "false", outcome).inc()
+        counted = collections.Counter(
+            (upstream, *(subrequest_labels(found) if isinstance(found, ItemResult) else ("none", "skipped")))
+            for upstream, found in count_labels(run)
+        )
+        for labels, count in counted.items():
+            self._metrics.child(self._metrics.subrequests, *labels).inc(count)
 
     async def _counted(
         self, running: Coroutine[Any, Any, BatchReport], plan: BatchPlan, kind: str

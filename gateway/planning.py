@@ -11,6 +11,7 @@ from urllib.parse import unquote_plus
 
 from multidict import CIMultiDict
 
+from gateway.config import Route
 from gateway.errors import MalformedBatch
 from gateway.headers import add_forwarding, inherit, inheritable, own_headers
 from gateway.model import Batch, ExecutionMode, Headers, Item, SubRequest
@@ -45,6 +46,8 @@ class PlannedCall:
     """The part of the upstream the route reaches (see RoutedTarget.scope): undo targets stay in it."""
     own_headers: Headers = ()
     """The sub-request's own headers as sent (after filtering); the rest is inherited from the batch."""
+    route: Route | None = None
+    """The route the call came by (graph batches map a `Location` back through it)."""
 
     @property
     def where(self) -> str:
@@ -157,6 +160,18 @@ class Planner:
         self._routes = routes
 
     def plan(self, item: Item, outer: OuterRequest) -> BatchPlan:
+        calls: list[PlannedCall] = []
+        inherited = self._inherited(outer)
+        root = self._node(item, inherited, outer.raw_query, calls)
+        return BatchPlan(root=root, calls=tuple(calls), base_headers=inherited.items)
+
+    def bind(self, outer: OuterRequest) -> BoundPlanner:
+        """A planner for single calls of one outer request, at positions the caller chooses
+        (graph batches plan calls one by one: some only once their references are resolved)."""
+        return BoundPlanner(self, self._inherited(outer), outer.raw_query)
+
+    @staticmethod
+    def _inherited(outer: OuterRequest) -> _Inherited:
         base = inheritable(outer.headers)
         add_forwarding(
             base,
@@ -166,10 +181,7 @@ class Planner:
             request_id=outer.request_id,
             trusted=outer.trusted_peer,
         )
-        calls: list[PlannedCall] = []
-        inherited = _Inherited.of(base)
-        root = self._node(item, inherited, outer.raw_query, calls)
-        return BatchPlan(root=root, calls=tuple(calls), base_headers=inherited.items)
+        return _Inherited.of(base)
 
     def _node(
         self, item: Item, base: _Inherited, query: str, calls: list[PlannedCall]
@@ -210,5 +222,21 @@ class Planner:
         )
         return PlannedCall(
             position=position, request=request, call=call, upstream_path=routed.path,
-            scope=routed.scope, own_headers=tuple(own),
+            scope=routed.scope, own_headers=tuple(own), route=routed.route,
         )
+
+
+class BoundPlanner:
+    """Plans single calls of one outer request (Planner.bind); raises ClientError subclasses."""
+
+    def __init__(self, planner: Planner, inherited: _Inherited, query: str) -> None:
+        self._planner, self._inherited, self._query = planner, inherited, query
+
+    @property
+    def base_headers(self) -> Headers:
+        """What every call inherits (outer headers plus forwarding headers)."""
+        return self._inherited.items
+
+    def call(self, request: SubRequest, position: int) -> PlannedCall:
+        """The call planned at `position` (its X-Request-ID is `<outer id>.<position>`)."""
+        return self._planner._call(request, self._inherited, self._query, position)

@@ -9,7 +9,7 @@ import base64
 import itertools
 import json
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -65,6 +65,14 @@ class CallRecord:
     undo: UndoResult | None = None
 
 
+Prepare = Callable[
+    [PlannedCall, Mapping[int, SubResponse | CallFailure]], tuple[PlannedCall, AtomicStep] | CallFailure
+]
+"""Called right before each call of the batch is sent, with what the earlier calls got (by
+position): the call as it must be sent and its step (a graph batch resolves references here), or a
+CallFailure: the call is not sent and fails, so the batch rolls back."""
+
+
 def classify(outcome: SubResponse | CallFailure) -> str:
     if isinstance(outcome, SubResponse):
         return "failed" if outcome.failed else "done"
@@ -82,9 +90,12 @@ class AtomicRun:
         self, *, batch_id: str, plan: BatchPlan, steps: dict[int, AtomicStep],
         config: GatewayConfig, routes: RouteTable, pool: UpstreamPool, journal: Journal,
         metrics: GatewayMetrics, deadline: Deadline, budget: ByteBudget | None = None,
-        owner: str | None = None,
+        owner: str | None = None, prepare: Prepare | None = None,
     ) -> None:
         self.batch_id, self.plan, self.steps = batch_id, plan, steps
+        self._prepare = prepare
+        self.outcomes: dict[int, SubResponse | CallFailure] = {}
+        """What each call that was made (or failed to be prepared) got, by position."""
         self.owner = owner
         """Journal.owner_of(the outer Authorization): who may look the batch up (None: nobody)."""
         self._buffer = budget
@@ -216,6 +227,16 @@ class AtomicRun:
     # -- forward calls -------------------------------------------------------------------------
 
     async def run_call(self, planned: PlannedCall) -> ItemResult:
+        if self._prepare is not None:
+            if self.abort_reason is not None:
+                return ItemResult(Skipped(f"not executed: the batch is rolling back ({self.abort_reason})"))
+            prepared = self._prepared(planned, self._prepare)
+            if isinstance(prepared, CallFailure):
+                self.outcomes[planned.position] = prepared
+                if self.abort_reason is None:
+                    self.abort_reason = failure_summary(planned, ItemResult(prepared))
+                return ItemResult(prepared)
+            planned = prepared
         async with self._pool.bound(planned.upstream, self.batch_id):
             if self.abort_reason is not None:
                 return ItemResult(Skipped(f"not executed: the batch is rolling back ({self.abort_reason})"))
@@ -227,7 +248,31 @@ class AtomicRun:
                 self._records_unknown(planned)
         if outcome.failed and self.abort_reason is None:
             self.abort_reason = failure_summary(planned, ItemResult(outcome))
+        self.outcomes[planned.position] = outcome
         return ItemResult(outcome)
+
+    def _prepared(self, planned: PlannedCall, prepare: Prepare) -> PlannedCall | CallFailure:
+        """The call as `prepare` makes it, its step and journal intent in place; never raises."""
+        try:
+            prepared = prepare(planned, self.outcomes)
+        except Exception as exc:  # a bug in a hook fails the call (not sent), not the batch
+            log.exception("atomic_prepare_failed", batch_id=self.batch_id, position=planned.position)
+            return CallFailure(502, f"not sent: the gateway failed preparing this call: {exc!r}")
+        if isinstance(prepared, CallFailure):
+            return prepared
+        call, step = prepared
+        self.steps[call.position] = step
+        if step.strategy is Strategy.COMPENSATION and call.position not in self._intents:
+            intent = _intent(call, step, self._config.upstreams[call.upstream].idempotency_keys)
+            size = len(json.dumps(intent))
+            if self._journal_used + size > self._journal_cap:
+                return CallFailure(
+                    413, f"not sent: its journal record ({size} bytes) would take the batch's over "
+                    f"journal.max_batch_bytes ({self._journal_cap})",
+                )
+            self._journal_used += size
+            self._intents[call.position] = intent
+        return call
 
     def _records_unknown(self, planned: PlannedCall) -> None:
         step = self.steps[planned.position]

@@ -5,6 +5,7 @@ Decided before any call; a non-safe call with neither is rejected with 422 namin
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
@@ -62,8 +63,16 @@ def plan_atomicity(plan: BatchPlan, config: GatewayConfig) -> dict[int, AtomicSt
     """A step per call position; raises Uncompensable for the first call that cannot be undone,
     MixedCredentials when one upstream transaction would carry calls of different identities."""
     steps = {call.position: _step(call, config.upstreams[call.upstream]) for call in plan.calls}
-    _check_credentials(plan, config)
+    _check_credentials(plan.calls, config)
     return steps
+
+
+def atomic_step(call: PlannedCall, config: GatewayConfig, earlier: Iterable[PlannedCall]) -> AtomicStep:
+    """The step of one call planned late (a graph batch's resolved reference), by the same rules
+    as plan_atomicity, its credentials checked against the batch's `earlier` calls."""
+    step = _step(call, config.upstreams[call.upstream])
+    _check_credentials((*earlier, call), config)
+    return step
 
 
 def credentials(call: PlannedCall, sensitive: frozenset[str]) -> tuple[tuple[str, str], ...]:
@@ -71,11 +80,11 @@ def credentials(call: PlannedCall, sensitive: frozenset[str]) -> tuple[tuple[str
     return tuple(sorted((k.lower(), v) for k, v in call.call.headers if k.lower() in sensitive))
 
 
-def _check_credentials(plan: BatchPlan, config: GatewayConfig) -> None:
+def _check_credentials(calls: Iterable[PlannedCall], config: GatewayConfig) -> None:
     """One transaction per upstream is begun and committed with its first call's credentials, so
     every call inside it must carry the same ones (a batch cannot borrow another identity's)."""
     first: dict[str, tuple[PlannedCall, tuple[tuple[str, str], ...]]] = {}
-    for call in plan.calls:
+    for call in calls:
         if config.upstreams[call.upstream].transactions is None:
             continue
         creds = credentials(call, config.journal.sensitive)
