@@ -20,6 +20,7 @@ from gateway.batch_endpoints import add_batch_routes
 from gateway.batch_lookup import batch_lookup, batch_lookup_by_request
 from gateway.batch_service import BatchService
 from gateway.config import GatewayConfig
+from gateway.dialect_endpoints import COMPOSITE_KIND, GRAPH_KIND, add_dialect_routes
 from gateway.errors import (
     BadHttp,
     ClientError,
@@ -37,6 +38,8 @@ from gateway.metrics import (
     recovered_by_supervisor,
     status_class,
 )
+from gateway.odata_endpoint import KIND_NAME as ODATA_KIND
+from gateway.odata_endpoint import add_odata_routes
 from gateway.openapi import build_document
 from gateway.problem import PROBLEM_JSON, problem_body
 from gateway.proxy import proxy_handler
@@ -130,6 +133,11 @@ def _kind_of(request: web.Request) -> str:
         return "batch_json"
     if request.path == config.batch.multipart_endpoint.path:
         return "batch_multipart"
+    batch = config.batch
+    dialects = ((batch.graph, GRAPH_KIND), (batch.composite, COMPOSITE_KIND), (batch.odata, ODATA_KIND))
+    for endpoint, kind in dialects:
+        if endpoint is not None and request.path == endpoint.path:
+            return kind
     return "gateway" if request.path.startswith(config.gateway.prefix + "/") else "proxy"
 
 
@@ -297,6 +305,8 @@ def create_app(
         app.router.add_get(f"{prefix}/{path}", handler)
         app.router.add_route("*", f"{prefix}/{path}", _only_get)
     add_batch_routes(app, config)
+    add_dialect_routes(app, config)
+    add_odata_routes(app, config)
     app.router.add_route("*", "/{tail:.*}", proxy_handler)
     _warn_reserved(config)
     install(app)  # counts the bytes of streamed answers for the access line

@@ -404,6 +404,81 @@ class Rollback(_Strict):
     deadline: float = Field(30.0, gt=0)
 
 
+def _check_origins(value: tuple[str, ...]) -> tuple[str, ...]:
+    """`public_origins`: each `scheme://host[:port]` (http or https, no path, query or userinfo),
+    without a trailing slash."""
+    for origin in value:
+        url = URL(origin)
+        if not url.absolute or url.scheme not in ("http", "https") or url.raw_path not in ("", "/") \
+                or url.query_string or url.fragment or url.user is not None:
+            raise ValueError(f"{origin!r} must be an origin such as https://api.example.com")
+    return tuple(origin.rstrip("/") for origin in value)
+
+
+class ODataEndpoint(_Strict):
+    """`batch.odata`: OData `$batch` (4.01 JSON and multipart with change sets, V4 and V2) at `path`;
+    relative request URLs resolve against the path without its last segment (the service root)."""
+
+    path: str
+    atomic: bool = True
+    """Change sets / atomicity groups run all-or-nothing; false refuses batches that hold one."""
+    max_items: int = Field(100, ge=1)
+    """Requests per batch (change set members included); `batch.limits` applies as well."""
+    public_origins: tuple[str, ...] = ()
+    """`scheme://host[:port]` names clients use for the gateway, besides the request's own origin:
+    an absolute request URL is accepted on these (the origin stripped), no other."""
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        return _check_path(value)
+
+    @field_validator("public_origins")
+    @classmethod
+    def _origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return _check_origins(value)
+
+
+class GraphEndpoint(_Strict):
+    """`batch.graph`: Microsoft Graph JSON batching at `path` (e.g. `/v1.0/$batch`); request URLs
+    are gateway targets, relative to the service root (the path without its last segment)."""
+
+    path: str
+    atomic: bool = False
+    """Default of `X-Batch-Atomic`: true makes every batch one all-or-nothing group."""
+    max_items: int = Field(20, ge=1)
+    """Requests per batch (Graph's own limit is 20); `batch.limits` applies as well."""
+    public_origins: tuple[str, ...] = ()
+    """`scheme://host[:port]` names clients use for the gateway, besides the request's Host: an
+    absolute request URL is accepted on these (origin and service root stripped), no other."""
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        return _check_path(value)
+
+    @field_validator("public_origins")
+    @classmethod
+    def _origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return _check_origins(value)
+
+
+class CompositeEndpoint(_Strict):
+    """`batch.composite`: Salesforce Composite at `path`; under `/services/data/vXX.X/...` that
+    prefix is stripped from subrequest URLs (simple-salesforce's `restful("composite")`)."""
+
+    path: str
+    atomic: bool = False
+    """Default of `X-Batch-Atomic` (`allOrNone: true` in the request is atomic regardless)."""
+    max_items: int = Field(25, ge=1)
+    """Subrequests per request (Salesforce's own limit is 25); `batch.limits` applies as well."""
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        return _check_path(value)
+
+
 class BatchConfig(_Strict):
     json_endpoint: BatchEndpoint = Field(
         BatchEndpoint(path="/batch/v1", atomic=False), alias="json"
@@ -413,6 +488,26 @@ class BatchConfig(_Strict):
     )
     limits: Limits = Limits()
     rollback: Rollback = Rollback()
+    odata: ODataEndpoint | None = None
+    graph: GraphEndpoint | None = None
+    composite: CompositeEndpoint | None = None
+
+    @model_validator(mode="after")
+    def _distinct_paths(self) -> BatchConfig:
+        """Two batch endpoints on one path: aiohttp would refuse the second route at start-up."""
+        seen: dict[str, str] = {}
+        for name in ("json", "multipart", "odata", "graph", "composite"):
+            endpoint = getattr(self, _BATCH_FIELDS.get(name, name))
+            if endpoint is None:
+                continue
+            if endpoint.path in seen:
+                other = seen[endpoint.path]
+                raise ValueError(f"batch.{name}.path {endpoint.path!r} is batch.{other}.path too")
+            seen[endpoint.path] = name
+        return self
+
+
+_BATCH_FIELDS = {"json": "json_endpoint", "multipart": "multipart_endpoint"}
 
 
 DEFAULT_SENSITIVE_HEADERS = ("Authorization", "Cookie", "Proxy-Authorization")
@@ -565,6 +660,9 @@ def _reserved_paths(config: GatewayConfig) -> dict[str, str]:
         config.gateway.prefix: "gateway.prefix",
         config.batch.json_endpoint.path: "batch.json.path",
         config.batch.multipart_endpoint.path: "batch.multipart.path",
+        **({config.batch.odata.path: "batch.odata.path"} if config.batch.odata else {}),
+        **({config.batch.graph.path: "batch.graph.path"} if config.batch.graph else {}),
+        **({config.batch.composite.path: "batch.composite.path"} if config.batch.composite else {}),
     }
 
 

@@ -472,7 +472,9 @@ def test_schemathesis_with_every_check_finds_nothing(tmp_path: Path) -> None:
             str(SCHEMATHESIS_EXAMPLES), "--generation-database", "none", "--no-color",
             "--request-timeout", "10",
         ]
-        env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.schemathesis_hooks"}
+        # our `tests` package first: a test dependency (pyodata) installs a top-level `tests` too
+        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.schemathesis_hooks", "PYTHONPATH": path}
         run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     finally:
         demo.terminate()
