@@ -16,7 +16,7 @@ from multidict import CIMultiDict
 from gateway.atomicity.untrusted import DecodedTooLarge, UnknownCoding, UntrustedValue, decoded_body
 from gateway.batch_service import new_batch_id
 from gateway.budget import ByteBudget
-from gateway.config import BatchEndpoint, GatewayConfig
+from gateway.config import BatchEndpoint, CompositeEndpoint, GatewayConfig, GraphEndpoint
 from gateway.errors import (
     ClientError,
     MethodRefused,
@@ -104,7 +104,8 @@ def outer_request(request: web.Request) -> OuterRequest:
     )
 
 
-def wants_atomic(request: web.Request, endpoint: BatchEndpoint) -> bool:
+def wants_atomic(request: web.Request, endpoint: BatchEndpoint | GraphEndpoint | CompositeEndpoint) -> bool:
+    """`X-Batch-Atomic`, else the endpoint's `atomic` default; any other value is a 400."""
     value = request.headers.get(ATOMIC_HEADER)
     if value is None:
         return endpoint.atomic

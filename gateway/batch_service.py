@@ -23,10 +23,9 @@ from gateway.config import GatewayConfig
 from gateway.errors import ShuttingDown
 from gateway.execution import Deadline, execute, plain_runner
 from gateway.graph_execution import GraphRun, Services, count_labels
-from gateway.graph_model import GraphBatch, GraphResult
+from gateway.graph_model import GraphBatch, GraphResult, worst_outcome
 from gateway.metrics import GatewayMetrics, status_class
 from gateway.model import (
-    BatchOutcome,
     BatchReport,
     Item,
     ItemResult,
@@ -42,7 +41,6 @@ from gateway.upstream import UpstreamPool
 log = structlog.get_logger("gateway.batch")
 _ANSWER_MARGIN = 0.5
 """Seconds before the shutdown deadline at which a still-running atomic batch is answered 503."""
-_WORST_FIRST = (BatchOutcome.ROLLBACK_INCOMPLETE, BatchOutcome.ROLLED_BACK, BatchOutcome.COMMITTED)
 
 
 def new_batch_id() -> str:
@@ -183,9 +181,9 @@ class BatchService:
             return await running
 
     def _count_graph(self, run: GraphRun, result: GraphResult, kind: str) -> None:
-        outcomes = {outcome for _, outcome in result.groups}
-        outcome = next((o.value for o in _WORST_FIRST if o in outcomes), "processed")
-        self._metrics.batches.labels(kind, "true" if outcomes else "false", outcome).inc()
+        worst = worst_outcome(result)
+        atomic, outcome = ("false", "processed") if worst is None else ("true", worst.value)
+        self._metrics.batches.labels(kind, atomic, outcome).inc()
         counted = collections.Counter(
             (upstream, *(subrequest_labels(found) if isinstance(found, ItemResult) else ("none", "skipped")))
             for upstream, found in count_labels(run)

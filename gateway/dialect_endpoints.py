@@ -16,23 +16,22 @@ from aiohttp import web
 
 from gateway.access_log import REJECTION
 from gateway.batch_endpoints import (
-    ATOMIC_FALSE,
-    ATOMIC_HEADER,
-    ATOMIC_TRUE,
     BATCH_ID_HEADER,
     OUTCOME_HEADER,
     outer_request,
     read_body,
+    wants_atomic,
 )
 from gateway.batch_service import new_batch_id
 from gateway.config import CompositeEndpoint, GatewayConfig, GraphEndpoint
-from gateway.errors import ClientError, GatewayError, MethodRefused, UnsupportedMediaType
+from gateway.errors import GatewayError, MethodRefused, UnsupportedMediaType
 from gateway.formats import composite_batch, graph_batch
 from gateway.formats.composite_batch import CompositeBatchCodec, api_prefix
 from gateway.formats.graph_batch import GraphBatchCodec, GraphSite
-from gateway.graph_model import GraphBatch, GraphResult
+from gateway.graph_model import GraphBatch, GraphResult, worst_outcome
 from gateway.headers import REQUEST_ID_HEADER
 from gateway.model import BatchLimits
+from gateway.planning import OuterRequest
 from gateway.problem import problem_type
 from gateway.runtime import BATCH_ID, KIND, REQUEST_ID, gateway_of
 
@@ -60,12 +59,12 @@ async def graph_batch_endpoint(request: web.Request) -> web.StreamResponse:
 async def _serve_graph(request: web.Request, endpoint: GraphEndpoint) -> web.Response:
     config = gateway_of(request).config
     _json_only(request, "Graph")
-    atomic = _wants_atomic(request, endpoint)
+    atomic = wants_atomic(request, endpoint)
     limits = _limits(config, endpoint)
     site = GraphSite.of(endpoint.path, [f"{request.scheme}://{request.host}", *endpoint.public_origins])
     codec = GraphBatchCodec(limits)
     batch = codec.decode(await read_body(request, limits.max_body_bytes, "/"), site, atomic=atomic)
-    async with _running(request, batch, GRAPH_KIND) as result:
+    async with running_graph(request, batch, GRAPH_KIND) as result:
         return _answer(request, codec.encode(batch, result), result)
 
 
@@ -98,11 +97,11 @@ async def composite_batch_endpoint(request: web.Request) -> web.StreamResponse:
 async def _serve_composite(request: web.Request, endpoint: CompositeEndpoint) -> web.Response:
     config = gateway_of(request).config
     _json_only(request, "composite")
-    atomic = _wants_atomic(request, endpoint)
+    atomic = wants_atomic(request, endpoint)
     limits = _limits(config, endpoint)
     codec = CompositeBatchCodec(limits, prefix=api_prefix(endpoint.path))
     batch = codec.decode(await read_body(request, limits.max_body_bytes, "/"), atomic=atomic)
-    async with _running(request, batch.graph, COMPOSITE_KIND) as result:
+    async with running_graph(request, batch.graph, COMPOSITE_KIND) as result:
         return _answer(request, codec.encode(batch, result), result)
 
 
@@ -127,17 +126,6 @@ def _json_only(request: web.Request, dialect: str) -> None:
         )
 
 
-def _wants_atomic(request: web.Request, endpoint: Endpoint) -> bool:
-    value = request.headers.get(ATOMIC_HEADER)
-    if value is None:
-        return endpoint.atomic
-    if value.strip().lower() in ATOMIC_TRUE:
-        return True
-    if value.strip().lower() in ATOMIC_FALSE:
-        return False
-    raise ClientError(f"{ATOMIC_HEADER} must be true or false, got {value[:50]!r}", where=ATOMIC_HEADER)
-
-
 def _limits(config: GatewayConfig, endpoint: Endpoint) -> BatchLimits:
     limits = config.batch.limits.batch_limits()
     return BatchLimits(
@@ -150,9 +138,12 @@ def _limits(config: GatewayConfig, endpoint: Endpoint) -> BatchLimits:
 
 
 @asynccontextmanager
-async def _running(request: web.Request, graph: GraphBatch, kind: str) -> AsyncIterator[GraphResult]:
-    """Run the graph; its result (and the bytes it holds) counts against the batch budget until
-    the answer is built."""
+async def running_graph(
+    request: web.Request, graph: GraphBatch, kind: str, outer: OuterRequest | None = None
+) -> AsyncIterator[GraphResult]:
+    """Run the graph (for every dialect's endpoint); its result (and the bytes it holds) counts
+    against the batch budget until the answer is built. `outer`: what the calls inherit (default:
+    the whole HTTP request, as on the source formats' endpoints)."""
     gateway = gateway_of(request)
     service = gateway.batches
     batch_id = new_batch_id()
@@ -163,22 +154,31 @@ async def _running(request: web.Request, graph: GraphBatch, kind: str) -> AsyncI
     try:
         with gateway.pool.tracing.batch_span(batch_id=batch_id, kind=kind, atomic=atomic) as span:
             result = await service.run_graph(
-                graph, outer_request(request), batch_id=batch_id, budget=budget, kind=kind
+                graph, outer or outer_request(request), batch_id=batch_id, budget=budget, kind=kind
             )
-            if result.groups:
-                span.set_attribute("gateway.batch.outcome", result.groups[0][1].value)
+            worst = worst_outcome(result)
+            if worst is not None:
+                span.set_attribute("gateway.batch.outcome", worst.value)
         yield result
     finally:
         budget.release()
 
 
-def _answer(request: web.Request, body: bytes, result: GraphResult) -> web.Response:
+def answer_headers(request: web.Request, content_type: str, result: GraphResult) -> dict[str, str]:
+    """Content-Type, request and batch ids and, when the batch had atomic groups, the worst outcome."""
     headers = {
-        "Content-Type": JSON, REQUEST_ID_HEADER: request[REQUEST_ID], BATCH_ID_HEADER: request[BATCH_ID],
+        "Content-Type": content_type,
+        REQUEST_ID_HEADER: request[REQUEST_ID],
+        BATCH_ID_HEADER: request[BATCH_ID],
     }
-    if result.groups:
-        headers[OUTCOME_HEADER] = result.groups[0][1].value
-    return web.Response(body=body, headers=headers)
+    worst = worst_outcome(result)
+    if worst is not None:
+        headers[OUTCOME_HEADER] = worst.value
+    return headers
+
+
+def _answer(request: web.Request, body: bytes, result: GraphResult) -> web.Response:
+    return web.Response(body=body, headers=answer_headers(request, JSON, result))
 
 
 def _error_response(request: web.Request, error: GatewayError, body: bytes) -> web.Response:

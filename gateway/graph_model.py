@@ -110,3 +110,13 @@ class GraphResult:
     group_batches: tuple[tuple[str, str], ...] = ()
     """Per atomic group that ran, the id it is journaled under (batch lookup, recovery): the
     batch id itself when the batch has one group, else `<batch_id>.<n>` (n: the group's ordinal)."""
+
+
+_WORST_FIRST = (BatchOutcome.ROLLBACK_INCOMPLETE, BatchOutcome.ROLLED_BACK, BatchOutcome.COMMITTED)
+
+
+def worst_outcome(result: GraphResult) -> BatchOutcome | None:
+    """The worst outcome of the batch's atomic groups, None when it had none (`X-Batch-Outcome`,
+    the batch's metric outcome)."""
+    outcomes = {outcome for _, outcome in result.groups}
+    return next((outcome for outcome in _WORST_FIRST if outcome in outcomes), None)

@@ -4,24 +4,21 @@ run as a dependency graph; every refusal answers in the OData error shape, not p
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
-import structlog
 from aiohttp import web
 
 from gateway.access_log import REJECTION
-from gateway.batch_endpoints import BATCH_ID_HEADER, OUTCOME_HEADER, outer_request, read_body
-from gateway.batch_service import new_batch_id
+from gateway.batch_endpoints import BATCH_ID_HEADER, outer_request, read_body
 from gateway.config import GatewayConfig, ODataEndpoint
+from gateway.dialect_endpoints import answer_headers, running_graph
 from gateway.errors import ClientError, GatewayError, MethodRefused, UnsupportedMediaType
 from gateway.formats._odata import ServiceRoot, continue_on_error, gateway_error_document
 from gateway.formats.odata_json import ODataJsonBatch, ODataJsonCodec
 from gateway.formats.odata_multipart import ODataMultipartBatch, ODataMultipartCodec, odata_version
 from gateway.graph_model import GraphBatch, GraphResult
 from gateway.headers import REQUEST_ID_HEADER
-from gateway.model import BatchLimits, BatchOutcome
+from gateway.model import BatchLimits
 from gateway.planning import OuterRequest
 from gateway.runtime import BATCH_ID, KIND, REQUEST_ID, gateway_of
 
@@ -31,7 +28,6 @@ BATCH_LEVEL_HEADERS = (
 )
 """Headers of the outer request that are about the batch, not inherited by its requests."""
 _V2_KEY = web.RequestKey("odata_v2", bool)
-_WORST_FIRST = (BatchOutcome.ROLLBACK_INCOMPLETE, BatchOutcome.ROLLED_BACK, BatchOutcome.COMMITTED)
 
 
 async def odata_batch(request: web.Request) -> web.StreamResponse:
@@ -55,7 +51,7 @@ async def _serve(request: web.Request, endpoint: ODataEndpoint) -> web.StreamRes
         body = await read_body(request, limits.max_body_bytes, "/")
         json_batch = json_codec.decode(body, root, continue_on_error=keep_going)
         _check_groups(json_batch.graph, endpoint)
-        async with _running(request, json_batch.graph) as result:
+        async with running_graph(request, json_batch.graph, KIND_NAME, _outer(request)) as result:
             return _json_answer(request, json_batch, result, json_codec)
     if media == "multipart/mixed":
         version = _version(request)
@@ -66,7 +62,7 @@ async def _serve(request: web.Request, endpoint: ODataEndpoint) -> web.StreamRes
             body, request.headers["Content-Type"], root, version=version, continue_on_error=keep_going
         )
         _check_groups(batch.graph, endpoint)
-        async with _running(request, batch.graph) as result:
+        async with running_graph(request, batch.graph, KIND_NAME, _outer(request)) as result:
             return _multipart_answer(request, batch, result, codec)
     got = repr(media) if media else "no Content-Type"
     raise UnsupportedMediaType(
@@ -123,45 +119,10 @@ def _outer(request: web.Request) -> OuterRequest:
     return outer
 
 
-@asynccontextmanager
-async def _running(request: web.Request, graph: GraphBatch) -> AsyncIterator[GraphResult]:
-    """Run the graph; its result (and the bytes it holds) counts against the batch budget until
-    the answer is built."""
-    gateway = gateway_of(request)
-    service = gateway.batches
-    batch_id = new_batch_id()
-    request[BATCH_ID] = batch_id
-    structlog.contextvars.bind_contextvars(batch_id=batch_id)
-    atomic = any(item.group is not None for item in graph.items)
-    budget = service.new_budget()
-    try:
-        with gateway.pool.tracing.batch_span(batch_id=batch_id, kind=KIND_NAME, atomic=atomic):
-            result = await service.run_graph(
-                graph, _outer(request), batch_id=batch_id, budget=budget, kind=KIND_NAME
-            )
-        yield result
-    finally:
-        budget.release()
-
-
-def _answer_headers(request: web.Request, content_type: str, result: GraphResult) -> dict[str, str]:
-    """Content-Type, request and batch ids and, when the batch had atomic groups, the worst outcome."""
-    headers = {
-        "Content-Type": content_type,
-        REQUEST_ID_HEADER: request[REQUEST_ID],
-        BATCH_ID_HEADER: request[BATCH_ID],
-    }
-    outcomes = {outcome for _, outcome in result.groups}
-    worst = next((o for o in _WORST_FIRST if o in outcomes), None)
-    if worst is not None:
-        headers[OUTCOME_HEADER] = worst.value
-    return headers
-
-
 def _json_answer(
     request: web.Request, batch: ODataJsonBatch, result: GraphResult, codec: ODataJsonCodec
 ) -> web.Response:
-    headers = _answer_headers(request, "application/json", result)
+    headers = answer_headers(request, "application/json", result)
     headers["OData-Version"] = "4.01"
     if "Prefer" in request.headers and continue_on_error(request.headers.getall("Prefer")) is not None:
         headers["Preference-Applied"] = f"continue-on-error={'true' if batch.continue_on_error else 'false'}"
@@ -172,7 +133,7 @@ def _multipart_answer(
     request: web.Request, batch: ODataMultipartBatch, result: GraphResult, codec: ODataMultipartCodec
 ) -> web.Response:
     body, content_type = codec.encode(batch, result)
-    headers = _answer_headers(request, content_type, result)
+    headers = answer_headers(request, content_type, result)
     if batch.version == 2:
         headers["DataServiceVersion"] = "2.0"
         return web.Response(status=202, body=body, headers=headers)
