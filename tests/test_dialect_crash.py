@@ -25,6 +25,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 from aiohttp.test_utils import TestServer
 
 from gateway.atomicity.journal import CrashPoint, JournaledBatch, SqliteJournal
@@ -32,13 +33,14 @@ from gateway.atomicity.recovery import with_recovery
 from gateway.atomicity.state import BatchState
 from gateway.config import parse_config
 from gateway.demo.services import ledger_app, legacy_app
-from tests.conftest import state_of
+from tests.conftest import deep_merge, state_of
 from tests.test_crash_points import MAX_WRITES, CrashRun, records, reset, seed
+from tests.test_crash_recovery import GatewayProcess
 
 pytestmark = pytest.mark.slow
 
-COMPOSITE_PATH = "/services/data/v59.0/composite"  # demo_config_data's batch.composite.path
-ODATA_PATH = "/odata/$batch"  # demo_config_data's batch.odata.path
+COMPOSITE_PATH = "/services/data/v59.0/composite"
+ODATA_PATH = "/odata/$batch"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,9 +201,19 @@ def check_resolved(request: Request, batch: JournaledBatch) -> tuple[tuple[str, 
     return tuple(journaled)
 
 
+DIALECTS = {"batch": {"composite": {"path": COMPOSITE_PATH}, "odata": {"path": ODATA_PATH}}}
+
+
 class DialectCrashRun(CrashRun):
     """test_crash_points' CrashRun (one gateway process per crash point, fresh journal and upstream
     state) sending a dialect request, and reading the journal as the killed process left it."""
+
+    def _gateway(self) -> tuple[GatewayProcess, dict[str, Any]]:
+        """The crash run's gateway with the Composite and OData endpoints enabled."""
+        gateway, data = super()._gateway()
+        data = deep_merge(data, DIALECTS)
+        gateway.config.write_text(yaml.safe_dump(data))
+        return gateway, data
 
     async def baseline_of(
         self, request: Request
