@@ -35,6 +35,7 @@ from gateway.config import GatewayConfig, Journal, journal_settings, load_config
 from gateway.connection_guard import ConnectionGuard
 from gateway.errors import ConfigError, JournalUnavailable
 from gateway.log import configure_logging
+from gateway.process_memory import fix_mmap_threshold
 from gateway.reload import reload_config, watch_file
 from gateway.runtime import GATEWAY, GATEWAY_REF
 from gateway.tls import listener_context
@@ -178,6 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check-config":
             return check_config(_config_path(args.file))
         if args.command == "demo":
+            fix_mmap_threshold()
             with asyncio.Runner(loop_factory=loop_factory("auto")) as runner:
                 runner.run(_demo(args))
             return 0
@@ -226,6 +228,7 @@ _CUT_OFF = 0.3
 
 def run_on_loop(config: GatewayConfig, main: Coroutine[Any, Any, None]) -> None:
     """Run `main` on the configured event loop (`listen.loop`); uvloop when asked and installed."""
+    fix_mmap_threshold()
     factory = loop_factory(config.listen.loop)
     with asyncio.Runner(loop_factory=factory) as runner:
         runner.run(main)

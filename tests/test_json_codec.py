@@ -844,6 +844,19 @@ def test_a_big_answer_is_encoded_in_chunks_that_join_to_the_same_compact_json() 
     )
 
 
+_BIG_BODIES = [
+    bytes(range(256)) * 192,  # exactly one 48 KiB slice of base64 (or text/JSON by its type)
+    bytes(range(256)) * 400 + b"\x01",  # slices, the last one not a multiple of 3
+    b"x" * 70_000,
+    b"[" + b"1," * 40_000 + b"1]",
+]
+"""Bodies at and over the size from which a base64 body is encoded slice by slice."""
+
+
+def _big_body(index: int) -> bytes:
+    return _BIG_BODIES[index]  # by index: hypothesis would print the bodies in the strategy's repr
+
+
 _outcomes = st.one_of(
     st.builds(
         SubResponse,
@@ -854,13 +867,16 @@ _outcomes = st.one_of(
                       st.sampled_from(["application/json", "text/plain", "a\u00e9", "1"])),
             max_size=3,
         ).map(tuple),
-        body=st.sampled_from([b"", b'{"a":[1,2]}', b"plain", b"\xff\x00", "\u00e9t\u00e9".encode()]),
+        body=st.sampled_from([b"", b'{"a":[1,2]}', b"plain", b"\xff\x00", "\u00e9t\u00e9".encode()])
+        | st.integers(0, len(_BIG_BODIES) - 1).map(_big_body),
     ),
     st.builds(CallFailure, status=st.sampled_from([502, 504]), reason=st.text(max_size=10),
               maybe_executed=st.booleans()),
     st.builds(Skipped, reason=st.text(max_size=10)),
 )
-_leaves = st.builds(ItemResult, _outcomes)
+_leaves = st.builds(
+    ItemResult, _outcomes, st.none() | st.sampled_from(list(RollbackStatus)), st.none() | st.text(max_size=5)
+)
 _trees = st.recursive(
     _leaves,
     lambda inner: st.builds(

@@ -45,7 +45,9 @@ def _encode_node(node: ResultNode) -> dict[str, object]:
     return {"Batch": {"items": [_encode_node(child) for child in node.items]}}
 
 
-def _encode_item(item: ItemResult) -> dict[str, object]:
+def _encode_item(item: ItemResult, body: tuple[object, str] | None = None) -> dict[str, object]:
+    """The item's `{"Result": ...}` or `{"Skipped": ...}`; `body` is its response body as already
+    encoded (value, body_encoding), when the caller has it."""
     outcome = item.outcome
     key = "Skipped" if isinstance(outcome, Skipped) else "Result"
     if isinstance(outcome, Skipped):
@@ -53,7 +55,7 @@ def _encode_item(item: ItemResult) -> dict[str, object]:
     elif isinstance(outcome, CallFailure):
         fields = _failure_fields(outcome)
     else:
-        fields = _response_fields(outcome)
+        fields = _response_fields(outcome, body)
     if item.rollback is not None:
         fields["rollback"] = item.rollback.value
         if item.rollback_detail:
@@ -61,8 +63,8 @@ def _encode_item(item: ItemResult) -> dict[str, object]:
     return {key: fields}
 
 
-def _response_fields(response: SubResponse) -> dict[str, object]:
-    body, encoding = _encode_body(response.body, response.headers)
+def _response_fields(response: SubResponse, encoded: tuple[object, str] | None = None) -> dict[str, object]:
+    body, encoding = encoded or _encode_body(response.body, response.headers)
     return {
         "status": response.status,
         "body": body,
@@ -100,6 +102,11 @@ def _encode_body(body: bytes, headers: Headers) -> tuple[object, str]:
     of `_TEXT_TYPES`, and whose charset (if given) is UTF-8 or ASCII. Everything else, including
     application/octet-stream, images and unknown vendor types, is base64: lossless when in doubt.
     """
+    return _encode_unless_base64(body, headers) or (base64.b64encode(body).decode("ascii"), "base64")
+
+
+def _encode_unless_base64(body: bytes, headers: Headers) -> tuple[object, str] | None:
+    """`_encode_body`'s answer when it is not base64; None when the body goes out as base64."""
     if not body:
         return None, "empty"
     media_type, charset = _content_type(headers)
@@ -112,7 +119,7 @@ def _encode_body(body: bytes, headers: Headers) -> tuple[object, str]:
             return body.decode("utf-8"), "text"
         except UnicodeDecodeError:
             pass
-    return base64.b64encode(body).decode("ascii"), "base64"
+    return None
 
 
 def _content_type(headers: Headers) -> tuple[str | None, str | None]:
@@ -196,7 +203,7 @@ def _iter_pieces(root: ResultNode, tail: dict[str, object]) -> Iterator[str]:
     keys inside the root object's closing brace."""
     end = "".join("," + _dumps(key) + ":" + _dumps(value) for key, value in tail.items()) + "}"
     if isinstance(root, ItemResult):
-        yield '{"SingleItem":' + _dumps(_encode_item(root)) + end
+        yield from _iter_item(root, "", end)
         return
     yield '{"Batch":{"items":['
     yield from _iter_items(root)
@@ -206,7 +213,7 @@ def _iter_pieces(root: ResultNode, tail: dict[str, object]) -> Iterator[str]:
 def _iter_node(node: ResultNode) -> Iterator[str]:
     """A node that is not the root, as it appears in its batch's `items`."""
     if isinstance(node, ItemResult):
-        yield '{"SingleItem":' + _dumps(_encode_item(node)) + "}"
+        yield from _iter_item(node, "", "}")
         return
     assert isinstance(node, BatchResult)
     yield '{"Batch":{"items":['
@@ -218,12 +225,40 @@ def _iter_items(batch: BatchResult) -> Iterator[str]:
     """A batch's items, comma-separated: one piece per item (a generator per nested batch only)."""
     for index, child in enumerate(batch.items):
         if isinstance(child, ItemResult):
-            text = '{"SingleItem":' + _dumps(_encode_item(child)) + "}"
-            yield "," + text if index else text
+            yield from _iter_item(child, "," if index else "", "}")
             continue
         if index:
             yield ","
         yield from _iter_node(child)
+
+
+_BASE64_SLICE = 48 * 1024
+"""Raw bytes per piece of a streamed base64 body (a multiple of 3, so the pieces join exactly)."""
+
+
+def _iter_item(item: ItemResult, before: str, after: str) -> Iterator[str]:
+    """`before + '{"SingleItem":' + <the item> + after`: one piece, or, for a big base64 body,
+    the body in ~64 KiB pieces encoded straight from the upstream's bytes.
+
+    A 10 MB body would otherwise exist four more times while its item is encoded (its base64,
+    the item's JSON, the concatenation, its UTF-8); streamed, only the upstream's bytes are held.
+    """
+    outcome = item.outcome
+    if isinstance(outcome, SubResponse) and len(outcome.body) >= _BASE64_SLICE:
+        textual = _encode_unless_base64(outcome.body, outcome.headers)
+        if textual is not None:
+            yield before + '{"SingleItem":' + _dumps(_encode_item(item, textual)) + after
+            return
+        text = _dumps(_encode_item(item, ("", "base64")))
+        opening = '{"Result":{"status":' + str(outcome.status) + ',"body":"'
+        assert text.startswith(opening + '"'), text[:80]
+        yield before + '{"SingleItem":' + opening
+        body = memoryview(outcome.body)
+        for start in range(0, len(body), _BASE64_SLICE):
+            yield base64.b64encode(body[start:start + _BASE64_SLICE]).decode("ascii")
+        yield text[len(opening):] + after
+        return
+    yield before + '{"SingleItem":' + _dumps(_encode_item(item)) + after
 
 
 def _utf8(text: str) -> bytes:
