@@ -4,8 +4,6 @@ run as a dependency graph; every refusal answers in the OData error shape, not p
 
 from __future__ import annotations
 
-from typing import Any
-
 from aiohttp import web
 
 from gateway.access_log import REJECTION
@@ -173,93 +171,3 @@ def add_odata_routes(app: web.Application, config: GatewayConfig) -> None:
         return
     app.router.add_post(config.batch.odata.path, odata_batch)
     app.router.add_route("*", config.batch.odata.path, _method_not_allowed)
-
-
-# --- the OpenAPI description (gateway/openapi.py adds it when the endpoint is configured) --------
-
-_HEADER_REF = "#/components/headers/"
-_ODATA_ERROR = {
-    "type": "object",
-    "required": ["error"],
-    "properties": {"error": {
-        "type": "object",
-        "required": ["code", "message"],
-        "properties": {
-            "code": {"type": "string", "description": "The problem type, e.g. malformed-batch."},
-            "message": {"description": "What is wrong (V2: {lang, value})."},
-            "target": {"type": "string", "description": "Where: a JSON pointer, `part N`, a header."},
-        },
-    }},
-}
-_JSON_REQUEST = {
-    "type": "object",
-    "required": ["requests"],
-    "properties": {"requests": {"type": "array", "minItems": 1, "items": {
-        "type": "object",
-        "required": ["id", "method", "url"],
-        "additionalProperties": False,
-        "properties": {
-            "id": {"type": "string", "pattern": r"^[A-Za-z0-9._~-]+$"},
-            "method": {"type": "string", "pattern": "^(?i:get|post|put|patch|delete)$"},
-            "url": {"type": "string", "minLength": 1, "description": "Relative to the service root, an "
-                    "absolute path, this gateway's own absolute URL, or `$<id>[/...]`."},
-            "atomicityGroup": {"type": "string", "pattern": r"^[A-Za-z0-9._~-]+$"},
-            "dependsOn": {"type": "array", "items": {"type": "string"}},
-            "headers": {"type": "object", "additionalProperties": {"type": "string"}},
-            "body": {},
-        },
-    }}},
-}
-_JSON_ANSWER = {
-    "type": "object",
-    "required": ["responses"],
-    "properties": {"responses": {"type": "array", "items": {
-        "type": "object",
-        "required": ["id", "status"],
-        "properties": {
-            "id": {"type": "string"},
-            "status": {"type": "integer"},
-            "headers": {"type": "object", "additionalProperties": {"type": "string"}},
-            "body": {},
-            "atomicityGroup": {"type": "string"},
-        },
-    }}},
-}
-
-
-def odata_operation(endpoint: ODataEndpoint) -> dict[str, Any]:
-    """The OpenAPI operation of `batch.odata.path`."""
-    multipart: dict[str, Any] = {"schema": {"type": "string"},
-                                 "x-media-type-parameters": {"boundary": "required"}}
-    errors = {"application/json": {"schema": _ODATA_ERROR}}
-    heads = {"X-Request-ID": {"$ref": _HEADER_REF + "XRequestId"}}
-    answered = {**heads, "X-Batch-Id": {"$ref": _HEADER_REF + "XBatchId"},
-                "X-Batch-Outcome": {"$ref": _HEADER_REF + "XBatchOutcome"}}
-    return {
-        "operationId": "ODataBatch",
-        "summary": "OData $batch: 4.01 JSON batch, or multipart/mixed with change sets (V4 and V2)",
-        "description": (
-            f"At most {endpoint.max_items} requests. Relative request URLs resolve against "
-            f"`{ServiceRoot.of(endpoint.path).path}`. Change sets and atomicity groups run "
-            f"all-or-nothing (atomic: {str(endpoint.atomic).lower()}). A refused batch sends nothing "
-            "and answers an OData error."
-        ),
-        "requestBody": {"required": True, "content": {
-            "application/json": {"schema": _JSON_REQUEST}, "multipart/mixed": multipart,
-        }},
-        "responses": {
-            "200": {
-                "description": "JSON batch (responses[]), or a V4 multipart answer.",
-                "headers": answered,
-                "content": {"application/json": {"schema": _JSON_ANSWER}, "multipart/mixed": multipart},
-            },
-            "202": {
-                "description": "An OData V2 multipart answer (DataServiceVersion 2.0), as V2 clients expect.",
-                "headers": answered,
-                "content": {"multipart/mixed": multipart},
-            },
-            "4XX": {"description": "A refused batch: nothing was sent.", "headers": heads, "content": errors},
-            "5XX": {"description": "The journal or the gateway could not run the batch.", "headers": heads,
-                    "content": errors},
-        },
-    }

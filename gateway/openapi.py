@@ -44,7 +44,6 @@ from gateway.formats.multipart_batch import NOT_EXECUTED_STATUS
 from gateway.headers import REQUEST_ID_HEADER, REQUEST_ID_PATTERN
 from gateway.health import State
 from gateway.model import BatchOutcome, ExecutionMode
-from gateway.odata_endpoint import odata_operation
 from gateway.openapi_batch import (
     MULTIPART_BOUNDARY,
     REF,
@@ -52,7 +51,7 @@ from gateway.openapi_batch import (
     batch_schemas,
     multipart_request_schema,
 )
-from gateway.openapi_dialects import composite_operation, graph_operation
+from gateway.openapi_dialects import composite_operation, graph_operation, odata_operation
 from gateway.problem import PROBLEM_JSON, problem_type
 
 __all__ = [
@@ -119,11 +118,11 @@ def build_document(config: GatewayConfig) -> dict[str, Any]:
         config.batch.multipart_endpoint.path: {"post": _multipart_batch(config)},
     }
     if config.batch.odata is not None:
-        paths[config.batch.odata.path] = {"post": odata_operation(config.batch.odata)}
+        paths[config.batch.odata.path] = {"post": odata_operation(config, config.batch.odata)}
     if config.batch.graph is not None:
-        paths[config.batch.graph.path] = {"post": graph_operation(config.batch.graph)}
+        paths[config.batch.graph.path] = {"post": graph_operation(config, config.batch.graph)}
     if config.batch.composite is not None:
-        paths[config.batch.composite.path] = {"post": composite_operation(config.batch.composite)}
+        paths[config.batch.composite.path] = {"post": composite_operation(config, config.batch.composite)}
     for name, operation in _own_operations().items():
         paths[f"{prefix}/{name}"] = {"get": operation}
     return {

@@ -17,7 +17,8 @@ def demo_config_data(
     legacy_url: str, ledger_url: str, *, port: int = 8080, journal: str = "demo-journal.sqlite3",
     idempotency_keys: bool = False,
 ) -> dict[str, Any]:
-    """The demo routing: /orders -> legacy (compensation), /accounts and /tx -> ledger (tokens).
+    """The demo routing: /orders -> legacy (compensation), /accounts and /tx -> ledger (tokens);
+    the batch dialects at their usual paths (OData's service root `/odata/` is the legacy service).
 
     `idempotency_keys` declares that both upstreams honour Idempotency-Key (the demo services do,
     unless switched off), so recovery may replay calls whose outcome a crash left unknown.
@@ -46,8 +47,14 @@ def demo_config_data(
             {"prefix": "/legacy", "upstream": "legacy", "strip_prefix": True},
             {"prefix": "/accounts", "upstream": "ledger"},
             {"prefix": "/ledger", "upstream": "ledger", "strip_prefix": True},
+            {"prefix": "/odata", "upstream": "legacy", "strip_prefix": True},
         ],
-        "batch": {"json": {"path": "/batch/v1", "atomic": False}},
+        "batch": {
+            "json": {"path": "/batch/v1", "atomic": False},
+            "graph": {"path": "/v1.0/$batch"},
+            "composite": {"path": "/services/data/v59.0/composite"},
+            "odata": {"path": "/odata/$batch"},
+        },
         "journal": {"path": journal},
     }
 
