@@ -39,6 +39,7 @@ from gateway.openapi_batch import (
     _PCT,
     _QUERY,
     _SEGMENT,
+    MULTIPART_BOUNDARY,
     _caseless,
     _ecma_escape,
     _item_headers,
@@ -66,7 +67,8 @@ _JSON_MEDIA = (
     r"^[Aa][Pp][Pp][Ll][Ii][Cc][Aa][Tt][Ii][Oo][Nn]/(?:[Jj][Ss][Oo][Nn]|[a-z0-9.-]+\+[Jj][Ss][Oo][Nn])$"
 )
 """A Content-Type a JSON body may be sent under (application/json, application/*+json)."""
-_NOT_STRING: Schema = {"type": ["object", "array", "number", "boolean", "null"]}
+_NOT_STRING: Schema = {"type": ["object", "array", "number", "boolean", "null"], "additionalProperties": True}
+"""Any JSON value but a string (an object with any keys)."""
 _NO_LEFT_BRACE = ("\\x5d-\\x7e", "\\x5d-\\x7a\\x7c-\\x7e")
 """Composite URLs: the character ranges without `{`, so no `@{...}` reference is ever offered."""
 _REL_FIRST = r"[\x21\x22\x26-\x2d\x30-\x39\x3b-\x3e\x40-\x5b\x5d-\x7e]"
@@ -345,7 +347,8 @@ def odata_operation(config: GatewayConfig, endpoint: ODataEndpoint) -> dict[str,
              "an atomicityGroup's members are adjacent (else 400)",
              "`dependsOn` names earlier ids or groups, never the request's own group (else 400)",
              "a `$<id>` in `url`, If-Match or If-None-Match names a request in dependsOn (else 400)"]
-    multipart = {"schema": parts, "x-media-type-parameters": {"boundary": "required"}}
+    multipart = {"schema": parts, "x-media-type-parameters": {"boundary": MULTIPART_BOUNDARY}}
+    multipart_answer = {"schema": answer_parts, "x-media-type-parameters": {"boundary": MULTIPART_BOUNDARY}}
     return _operation(
         "ODataBatch", "OData $batch: 4.01 JSON batch, or multipart/mixed with change sets (V4 and V2)",
         f"At most {max_items} requests. Relative request URLs resolve against `{root}`. Change sets and "
@@ -353,8 +356,8 @@ def odata_operation(config: GatewayConfig, endpoint: ODataEndpoint) -> dict[str,
         "with `OData-Version: 4.0`, else V2 (answered 202). A refused batch sends nothing and answers an "
         "OData error.",
         {JSON: {"schema": json_request}, MULTIPART: multipart},
-        {"200": {JSON: {"schema": json_answer}, MULTIPART: {"schema": answer_parts}},
-         "202": {MULTIPART: {"schema": answer_parts}}},
+        {"200": {JSON: {"schema": json_answer}, MULTIPART: multipart_answer},
+         "202": {MULTIPART: multipart_answer}},
         {JSON: {"schema": error}}, rules, atomic_header=False,
     )
 
