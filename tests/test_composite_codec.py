@@ -21,7 +21,14 @@ from gateway.formats.composite_batch import (
     api_prefix,
     resolve_references,
 )
-from gateway.graph_model import AnsweredItem, FailurePolicy, GraphResult, ReferenceUnresolved, Unmet
+from gateway.graph_model import (
+    AnsweredItem,
+    FailurePolicy,
+    GraphItem,
+    GraphResult,
+    ReferenceUnresolved,
+    Unmet,
+)
 from gateway.model import (
     BatchLimits,
     BatchOutcome,
@@ -81,7 +88,9 @@ def test_the_salesforce_example_decodes_in_order_as_one_atomic_group() -> None:
     batch = decode(SALESFORCE_EXAMPLE)
     graph = batch.graph
     assert batch.all_or_none and graph.sequential and graph.on_failure is FailurePolicy.DEPENDENTS
-    assert graph.resolver is resolve_references
+    assert graph.resolver is not None
+    resolved = graph.resolver(graph.items[1], answered("refAccount", ACCOUNT_ANSWER))
+    assert resolved == resolve_references(graph.items[1], answered("refAccount", ACCOUNT_ANSWER))
     account, contact = graph.items
     assert (account.id, account.request.target, account.depends_on, account.has_references) == (
         "refAccount",
@@ -611,3 +620,25 @@ def test_resolving_against_any_answer_gives_a_request_or_reference_unresolved(an
         return
     assert "@{" not in request.target
     json.loads(request.body or b"")
+
+
+def test_references_may_not_grow_a_body_past_the_codec_s_limit_nor_a_url_past_8192_bytes() -> None:
+    """The limit counts what the references add (each substitution, the same reference again
+    too); under it the body is resolved as always."""
+    codec = CompositeBatchCodec(BatchLimits(max_body_bytes=1000))
+    answer = answered("a", {"text": "y" * 300})
+    def item(body: object, url: str = "/orders") -> GraphItem:
+        document = {"compositeRequest": [{"method": "GET", "url": "/orders", "referenceId": "a"},
+                                         {"method": "POST", "url": url, "referenceId": "b", "body": body}]}
+        return codec.decode(json.dumps(document).encode()).graph.items[1]
+    graph_resolver = codec.decode(json.dumps({"compositeRequest": [
+        {"method": "GET", "url": "/orders", "referenceId": "a"}]}).encode()).graph.resolver
+    assert graph_resolver is not None
+    assert json.loads(graph_resolver(item(["@{a.text}"] * 3), answer).body or b"") == ["y" * 300] * 3
+    with pytest.raises(ReferenceUnresolved, match=r"limits\.max_body_bytes"):
+        graph_resolver(item(["@{a.text}"] * 4), answer)
+    with pytest.raises(ReferenceUnresolved, match=r"limits\.max_body_bytes"):
+        graph_resolver(item(["x @{a.text} @{a.text} @{a.text} @{a.text}"]), answer)
+    long_answer = answered("a", {"text": "z" * 9000})
+    with pytest.raises(ReferenceUnresolved, match="over 8192"):
+        graph_resolver(item(None, "/orders/@{a.text}"), long_answer)

@@ -108,7 +108,7 @@ BAD = [
     Bad(
         "overlapping routes",
         demo_yaml(adding_route({"prefix": "/orders/", "upstream": "ledger"})),
-        "routes.5.prefix",
+        "routes.6.prefix",  # after the demo's six routes
         "overlaps routes.0 (same prefix '/orders' and method)",
     ),
     Bad(
@@ -120,7 +120,7 @@ BAD = [
     Bad(
         "route shadowed by the gateway's endpoints",
         demo_yaml(adding_route({"prefix": "/_gateway/metrics", "upstream": "legacy"})),
-        "routes.5.prefix",
+        "routes.6.prefix",
         "shadowed by the gateway's own endpoint '/_gateway' (gateway.prefix)",
     ),
     Bad(
@@ -132,13 +132,13 @@ BAD = [
     Bad(
         "route shadowed by the JSON batch endpoint",
         demo_yaml(adding_route({"prefix": "/batch/v1", "upstream": "legacy"})),
-        "routes.5.prefix",
+        "routes.6.prefix",
         "'/batch/v1' (batch.json.path)",
     ),
     Bad(
         "route shadowed by the multipart batch endpoint",
         demo_yaml(adding_route({"prefix": "/v1/api/batch/x", "upstream": "ledger"})),
-        "routes.5.prefix",
+        "routes.6.prefix",
         "'/v1/api/batch' (batch.multipart.path)",
     ),
     Bad("missing required key", demo_yaml(removing("routes")), "routes", "required key is missing"),

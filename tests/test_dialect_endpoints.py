@@ -421,6 +421,29 @@ async def test_composite_all_or_none_rolls_back_and_halts_the_others(
     assert state_of(ledger).store.records == {} and state_of(ledger).transactions == {}
 
 
+async def test_composite_references_cannot_amplify_a_body_or_url_past_the_limits(
+    make_gateway: MakeGateway, legacy: TestServer
+) -> None:
+    """A 300 KB answer referred to 30 times would make a 12 MB body (and as one URL segment, a
+    400 KB request line): each such subrequest is halted, nothing of it is sent, and the limit is
+    named. It used to be sent whole, whatever the references added up to."""
+    client = await make_gateway({**DIALECTS, "batch": {**DIALECTS["batch"],
+                                                       "limits": {"max_body_bytes": 1024 * 1024}}})
+    big = {"method": "POST", "url": "/echo/big", "referenceId": "big", "body": {"pad": "x" * 300_000}}
+    body = await post(client, COMPOSITE, {"compositeRequest": [
+        big,
+        {"method": "POST", "url": "/echo/copies", "referenceId": "copies",
+         "body": {"copies": ["@{big.body_b64}"] * 30}},
+        {"method": "GET", "url": "/echo/@{big.body_b64}", "referenceId": "long"},
+        {"method": "POST", "url": "/echo/one", "referenceId": "one", "body": {"copy": "@{big.body_b64}"}},
+    ]})
+    answers = body["compositeResponse"]
+    assert [a["httpStatusCode"] for a in answers] == [200, 400, 400, 200]
+    assert "limits.max_body_bytes" in answers[1]["body"][0]["message"]
+    assert "8192" in answers[2]["body"][0]["message"]
+    assert [c.split("?")[0] for c in calls(legacy)] == ["POST /echo/big", "POST /echo/one"]
+
+
 async def test_composite_a_failed_reference_halts_its_dependents_only(
     client: Client, legacy: TestServer, ledger: TestServer
 ) -> None:

@@ -114,9 +114,13 @@ class CompositeBatchCodec:
         )
         graph = GraphBatch(
             items=items, sequential=True, on_failure=FailurePolicy.DEPENDENTS,
-            resolver=resolve_references, where=ROOT,
+            resolver=self._resolver, where=ROOT,
         )
         return CompositeBatch(graph, all_or_none)
+
+    def _resolver(self, item: GraphItem, answered: Mapping[str, AnsweredItem]) -> SubRequest:
+        """resolve_references within this endpoint's body limit."""
+        return resolve_references(item, answered, max_body_bytes=self.limits.max_body_bytes)
 
     def encode(self, batch: CompositeBatch, result: GraphResult) -> bytes:
         """`{"compositeResponse": [...]}` in the request's order."""
@@ -319,37 +323,86 @@ def _body(value: object, headers: Headers, where: str) -> tuple[bytes | None, He
 # --- references --------------------------------------------------------------------------------
 
 
-def resolve_references(item: GraphItem, answered: Mapping[str, AnsweredItem]) -> SubRequest:
+MAX_RESOLVED_URL = 8192
+"""Bytes a subrequest URL may have once its references are resolved (a common request-line limit)."""
+
+
+def resolve_references(
+    item: GraphItem, answered: Mapping[str, AnsweredItem], *,
+    max_body_bytes: int = DEFAULT_LIMITS.max_body_bytes,
+) -> SubRequest:
     """The item's request with every `@{ref.path}` replaced by the value at `path` in the JSON body
     of `ref`'s answer: in the URL percent-encoded as one segment (a scalar only); in the body a
     string that is exactly one reference becomes that JSON value, a reference inside other text
     its string form. Field names match exactly, else case-insensitively when that is unambiguous.
-    Raises ReferenceUnresolved."""
+
+    Raises ReferenceUnresolved, also when the URL would grow past MAX_RESOLVED_URL or the body by
+    more than `max_body_bytes` (`limits.max_body_bytes`): references must not amplify a request."""
     request = item.request
+    lookups = _Lookups(answered, max_body_bytes)
     target = REFERENCE.sub(
-        lambda m: quote(_scalar(m.group(0), _lookup(m.group(1), answered)), safe="", errors="replace"),
+        lambda m: quote(_scalar(m.group(0), lookups.value(m.group(1))), safe="", errors="replace"),
         request.target,
     )
+    if len(target) > MAX_RESOLVED_URL:
+        raise ReferenceUnresolved(
+            f"the URL with its references resolved would be {len(target)} bytes, over {MAX_RESOLVED_URL}"
+        )
     body = request.body
     if body is not None and b"@{" in body:
-        body = dump(_resolved(json.loads(body), answered))
+        body = dump(_resolved(json.loads(body), lookups))
     return replace(request, target=target, body=body)
 
 
-def _resolved(value: object, answered: Mapping[str, AnsweredItem]) -> object:
+class _Lookups:
+    """The referenced answers' JSON, parsed once per item, and the bytes references add to a body."""
+
+    def __init__(self, answered: Mapping[str, AnsweredItem], max_added: int) -> None:
+        self._answered = answered
+        self._bodies: dict[str, object] = {}
+        self._sizes: dict[str, int] = {}
+        self._added = 0
+        self._max_added = max_added
+
+    def value(self, reference: str) -> object:
+        return _lookup(reference, self._answered, self._bodies)
+
+    def add(self, reference: str, value: object) -> None:
+        """Count what substituting `value` for `reference` adds to the body; over the limit: refused."""
+        size = self._sizes.get(reference)
+        if size is None:
+            size = len(_text(value).encode("utf-8", "replace"))
+            self._sizes[reference] = size
+        self._added += size
+        if self._added > self._max_added:
+            raise ReferenceUnresolved(
+                f"the body with its references resolved would be over {self._max_added} bytes "
+                "(limits.max_body_bytes)"
+            )
+
+
+def _resolved(value: object, lookups: _Lookups) -> object:
     if isinstance(value, str):
         whole = REFERENCE.fullmatch(value)
         if whole is not None:
-            return _lookup(whole.group(1), answered)
-        return REFERENCE.sub(lambda m: _text(_lookup(m.group(1), answered)), value)
+            found = lookups.value(whole.group(1))
+            lookups.add(whole.group(1), found)
+            return found
+        return REFERENCE.sub(lambda m: _counted_text(m.group(1), lookups), value)
     if isinstance(value, list):
-        return [_resolved(child, answered) for child in value]
+        return [_resolved(child, lookups) for child in value]
     if isinstance(value, dict):
-        return {key: _resolved(child, answered) for key, child in value.items()}
+        return {key: _resolved(child, lookups) for key, child in value.items()}
     return value
 
 
-def _lookup(reference: str, answered: Mapping[str, AnsweredItem]) -> object:
+def _counted_text(reference: str, lookups: _Lookups) -> str:
+    found = lookups.value(reference)
+    lookups.add(reference, found)
+    return _text(found)
+
+
+def _lookup(reference: str, answered: Mapping[str, AnsweredItem], bodies: dict[str, object]) -> object:
     parsed = _PATH.fullmatch(reference)
     if parsed is None:
         raise ReferenceUnresolved(f"@{{{reference}}} is not a reference")
@@ -357,7 +410,9 @@ def _lookup(reference: str, answered: Mapping[str, AnsweredItem]) -> object:
     answer = answered.get(name)
     if answer is None:
         raise ReferenceUnresolved(f"@{{{reference}}}: subrequest {name!r} has no answer to refer to")
-    value = _json_body(answer.response.body) if answer.response.body else _MISSING
+    if name not in bodies:
+        bodies[name] = _json_body(answer.response.body) if answer.response.body else _MISSING
+    value = bodies[name]
     if value is _MISSING:
         raise ReferenceUnresolved(f"@{{{reference}}}: the answer to {name!r} has no JSON body")
     walked = name
