@@ -41,6 +41,8 @@ ATOMIC_FALSE = ("false", "0", "no")
 """The values `X-Batch-Atomic` takes (any case, surrounding whitespace ignored)."""
 BATCH_ID_HEADER = "X-Batch-Id"
 OUTCOME_HEADER = "X-Batch-Outcome"
+GROUPS_HEADER = "X-Batch-Groups"
+"""A batch dialect's answer with several atomic groups: `name=batch id` of each, comma-separated."""
 """Answer headers: the batch's id (also on its problem answers), an atomic batch's outcome."""
 
 

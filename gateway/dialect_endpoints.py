@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from urllib.parse import quote
 
 import structlog
 from aiohttp import web
@@ -17,6 +18,7 @@ from aiohttp import web
 from gateway.access_log import REJECTION
 from gateway.batch_endpoints import (
     BATCH_ID_HEADER,
+    GROUPS_HEADER,
     OUTCOME_HEADER,
     outer_request,
     read_body,
@@ -165,7 +167,8 @@ async def running_graph(
 
 
 def answer_headers(request: web.Request, content_type: str, result: GraphResult) -> dict[str, str]:
-    """Content-Type, request and batch ids and, when the batch had atomic groups, the worst outcome."""
+    """Content-Type, request and batch ids and, when the batch had atomic groups, the worst outcome
+    (and, with several groups, each group's own batch id: the one a lookup takes)."""
     headers = {
         "Content-Type": content_type,
         REQUEST_ID_HEADER: request[REQUEST_ID],
@@ -174,6 +177,10 @@ def answer_headers(request: web.Request, content_type: str, result: GraphResult)
     worst = worst_outcome(result)
     if worst is not None:
         headers[OUTCOME_HEADER] = worst.value
+    if len(result.group_batches) > 1:  # each group is journaled, and looked up, under its own id
+        headers[GROUPS_HEADER] = ", ".join(
+            f"{quote(name, safe='')}={batch_id}" for name, batch_id in result.group_batches
+        )
     return headers
 
 

@@ -162,6 +162,10 @@ def _components(config: GatewayConfig) -> dict[str, Any]:
 # --- headers and parameters ----------------------------------------------------------------------
 
 
+_GROUP = r"[^=,\s]+=[A-Za-z0-9._-]+"
+_GROUPS_PATTERN = rf"^{_GROUP}(?:, {_GROUP})*$"
+
+
 def _headers() -> dict[str, Any]:
     return {
         "XRequestId": {
@@ -178,8 +182,16 @@ def _headers() -> dict[str, Any]:
             "schema": {"type": "string"},
         },
         "XBatchOutcome": {
-            "description": "Atomic batches only: the batch's outcome.",
+            "description": "Atomic batches only: the batch's outcome (a dialect batch with several "
+                           "atomic groups: the worst group's).",
             "schema": {"type": "string", "enum": [o.value for o in BatchOutcome]},
+        },
+        "XBatchGroups": {
+            "description": "A dialect batch with several atomic groups (OData change sets or atomicity "
+                           "groups): each group's name (percent-encoded) and the batch id it is "
+                           "journaled and looked up under, `name=id`, comma-separated. X-Batch-Id is "
+                           "then no lookup id.",
+            "schema": {"type": "string", "pattern": _GROUPS_PATTERN},
         },
     }
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.batch_endpoints import BATCH_ID_HEADER, OUTCOME_HEADER
+from gateway.batch_endpoints import BATCH_ID_HEADER, GROUPS_HEADER, OUTCOME_HEADER
 from gateway.config import CompositeEndpoint, GatewayConfig, GraphEndpoint, ODataEndpoint, Route
 from gateway.errors import (
     BatchLost,
@@ -374,7 +374,8 @@ def _operation(
     refusal_heads = {**heads, BATCH_ID_HEADER: {"$ref": _HEADER_REF + "XBatchIdIfStarted"}}
     statuses = sorted({cls.status for cls in REFUSALS})
     answered = {**heads, BATCH_ID_HEADER: {"$ref": _HEADER_REF + "XBatchId"},
-                OUTCOME_HEADER: {"$ref": _HEADER_REF + "XBatchOutcome"}}
+                OUTCOME_HEADER: {"$ref": _HEADER_REF + "XBatchOutcome"},
+                GROUPS_HEADER: {"$ref": _HEADER_REF + "XBatchGroups"}}
     responses: dict[str, Any] = {
         status: {"description": "Processed, whatever the requests answered; one answer per request, in order"
                                 + (" (OData V2)." if status == "202" else "."),

@@ -538,3 +538,27 @@ async def test_openapi_lists_exactly_the_routes(gw: Client) -> None:
         and not route.resource.canonical.startswith("/{tail")
     }
     assert documented == routed
+
+
+async def test_several_atomic_groups_each_name_the_batch_id_a_lookup_takes(gw: Client) -> None:
+    """Two atomicity groups are journaled as `<batch id>.1` and `.2`; the answer's X-Batch-Groups
+    says which is which, and each looks up with the sender's credentials (the batch id itself does
+    not: no one journal record holds the whole batch)."""
+    auth = {"Authorization": "Bearer owner"}
+    status, answer, headers = await post_json(gw, {"requests": [
+        {"id": "1", "method": "post", "url": "/orders", "body": {"item": "a"}, "atomicityGroup": "orders"},
+        {"id": "2", "method": "post", "url": "/accounts", "body": {"owner": "b"}, "atomicityGroup": "money"},
+    ]}, **auth)
+    assert status == 200 and [r["status"] for r in answer["responses"]] == [201, 201], answer
+    batch_id = headers["X-Batch-Id"]
+    assert headers["X-Batch-Groups"] == f"orders={batch_id}.1, money={batch_id}.2"
+    for group_id in (f"{batch_id}.1", f"{batch_id}.2"):
+        async with gw.get(f"/_gateway/batches/{group_id}", headers=auth) as response:
+            assert response.status == 200
+            assert (await response.json())["state"] == "committed"
+    async with gw.get(f"/_gateway/batches/{batch_id}", headers=auth) as response:
+        assert response.status == 404
+    status, _, headers = await post_json(gw, {"requests": [
+        {"id": "1", "method": "post", "url": "/orders", "body": {"item": "c"}, "atomicityGroup": "one"},
+    ]}, **auth)
+    assert status == 200 and "X-Batch-Groups" not in headers  # one group: journaled under the batch id

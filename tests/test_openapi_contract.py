@@ -364,7 +364,8 @@ class Checked:
                             cls=jsonschema.Draft202012Validator)
 
 
-GATEWAY_HEADERS = {"x-request-id", "x-batch-id", "x-batch-outcome", "allow", "cache-control", "vary"}
+GATEWAY_HEADERS = {"x-request-id", "x-batch-id", "x-batch-outcome", "x-batch-groups", "allow",
+                   "cache-control", "vary"}
 """The answer headers the gateway itself sets (the rest are aiohttp's framing and Date, Server)."""
 
 JSON_BATCH = {"Batch": {"batch_execution_type": "Serial", "items": [
