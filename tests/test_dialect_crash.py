@@ -365,3 +365,108 @@ async def test_odata_change_set_with_a_reference_ends_all_or_nothing_at_every_cr
     for call in ODATA_CHANGE_SET.resolved:
         states = {state for e in endings for m, p, state in e.journaled if (m, p) == call}
         assert {"intent", "done"} <= states, (call, endings)
+
+
+# Two atomicity groups of one OData batch, the second waiting for the first: `a` creates an order
+# on legacy and commits; `b` creates an account on ledger and fails (404), so it rolls back. They
+# are journaled as `<batch id>.1` and `.2`; the crash points count the writes of both groups together
+# (in the order they run), so they reach into `a` (b never started) and then into `b` (a committed).
+ODATA_TWO_GROUPS = json_request(
+    ODATA_PATH,
+    {
+        "requests": [
+            {"id": "1", "atomicityGroup": "a", "method": "post", "url": "/orders", "body": {"item": "first"}},
+            {
+                "id": "2", "atomicityGroup": "b", "dependsOn": ["a"], "method": "post", "url": "/accounts",
+                "body": {"owner": "second"},
+            },
+            {"id": "3", "atomicityGroup": "b", "method": "get", "url": "/accounts/999"},  # 404
+        ]
+    },
+    {("POST", "/orders"): {"item": "first"}},
+)
+
+
+async def read_batches(path: Path) -> dict[str, JournaledBatch]:
+    """Every batch in the journal, by id."""
+    journal = SqliteJournal(path)
+    await journal.open()
+    try:
+        summaries = await journal.summaries(everything=True)
+        found = [await journal.batch(summary.batch_id) for summary in summaries]
+        return {batch.batch_id: batch for batch in found if batch is not None}
+    finally:
+        await journal.close()
+
+
+@dataclasses.dataclass
+class GroupsEnding:
+    where: str
+    crashed: dict[str, BatchState]  # group (1, 2) -> state as the killed process left it
+    final: dict[str, BatchState]  # group -> state after recovery
+    applied: str  # "nothing" | "everything" (a's order, no account) | "partly"
+    open_transactions: int
+
+
+async def crash_two_groups(
+    run: DialectCrashRun, variable: str, n: int, before: list[dict[str, Any]], after: list[dict[str, Any]]
+) -> GroupsEnding | None:
+    reset(run.legacy, run.keys)
+    reset(run.ledger, run.keys)
+    seed(run.legacy, run.ledger)
+    gateway, data = run._gateway()
+    gateway.env = {variable: str(n)}
+    await gateway.serve()
+    if await send(gateway.base, ODATA_TWO_GROUPS) is not None:
+        await gateway.stop()
+        return None
+    assert await gateway.wait() == -9, gateway.output()
+    crashed = await read_batches(gateway.journal)
+    for batch in crashed.values():
+        check_resolved(ODATA_TWO_GROUPS, batch)
+    await with_recovery(parse_config(data))
+    final = await read_batches(gateway.journal)
+    assert set(final) == set(crashed) and len({i.rsplit(".", 1)[0] for i in final}) <= 1, final
+    now = records(run.legacy, run.ledger)
+    return GroupsEnding(
+        f"{'after' if variable == CrashPoint.AFTER else 'before'} write {n}",
+        {i.rsplit(".", 1)[1]: b.state for i, b in crashed.items()},
+        {i.rsplit(".", 1)[1]: b.state for i, b in final.items()},
+        "nothing" if now == before else "everything" if now == after else "partly",
+        len(state_of(run.ledger).transactions),
+    )
+
+
+async def test_two_odata_groups_each_end_all_or_nothing_at_every_crash_point_of_either(
+    lanes: tuple[DialectCrashRun, DialectCrashRun],
+) -> None:
+    before, after, (status, headers, body) = await lanes[0].baseline_of(ODATA_TWO_GROUPS)
+    assert status == 200 and headers["X-Batch-Outcome"] == "rolled_back", body
+    batch_id = headers["X-Batch-Id"]
+    assert headers["X-Batch-Groups"] == f"a={batch_id}.1, b={batch_id}.2"
+    assert [r["status"] for r in json.loads(body)["responses"]] == [201, 424, 404], body
+
+    async def every_write(run: DialectCrashRun, variable: str) -> list[GroupsEnding]:
+        endings: list[GroupsEnding] = []
+        for n in range(1, MAX_WRITES):
+            ending = await crash_two_groups(run, variable, n, before, after)
+            if ending is None:
+                return endings
+            endings.append(ending)
+        raise AssertionError("the request never completed")
+
+    after_write, before_write = await asyncio.gather(
+        every_write(lanes[0], CrashPoint.AFTER), every_write(lanes[1], CrashPoint.BEFORE)
+    )
+    endings = after_write + before_write
+    assert len(endings) >= 25  # both modes, every write of both groups
+    for ending in endings:
+        assert all(state.final for state in ending.final.values()), ending
+        assert ending.final.get("2") in (None, BatchState.ROLLED_BACK), ending  # b never commits
+        if "2" in ending.crashed:  # b had started: a was committed before it (dependsOn)
+            assert ending.crashed["1"] is BatchState.COMMITTED, ending
+        a_committed = ending.final.get("1") is BatchState.COMMITTED
+        assert ending.applied == ("everything" if a_committed else "nothing"), ending
+        assert ending.open_transactions == 0, ending
+    assert {e.final.get("1") for e in endings} >= {BatchState.COMMITTED, BatchState.ROLLED_BACK}
+    assert any("2" in e.crashed and not e.crashed["2"].final for e in endings), endings  # inside b

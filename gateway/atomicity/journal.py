@@ -209,7 +209,8 @@ class Journal(Protocol):
 class CrashPoint:
     """Test-only: SIGKILL this process around the Nth durable journal write of a batch.
 
-    `GATEWAY_TEST_CRASH_AFTER_WRITE=N` kills right after the Nth write of a batch is durable;
+    `GATEWAY_TEST_CRASH_AFTER_WRITE=N` kills right after the Nth write of a batch is durable (the
+    writes of a graph batch's groups, `<batch id>.<n>`, are counted together);
     `GATEWAY_TEST_CRASH_BEFORE_WRITE=N` right before it (so what happened since the previous write,
     e.g. an upstream call, is not journaled). The crash-point tests iterate N. Without either
     variable the journal never builds one, so it costs nothing.
@@ -228,11 +229,12 @@ class CrashPoint:
         return None if after is None and before is None else cls(after, before)
 
     def writing(self, batch_id: str) -> None:
-        if self._before is not None and self._counts.get(batch_id, 0) + 1 == self._before:
+        if self._before is not None and self._counts.get(_request_of(batch_id), 0) + 1 == self._before:
             self._kill(batch_id, "before", self._before)
 
     def written(self, batch_id: str) -> None:
-        count = self._counts[batch_id] = self._counts.get(batch_id, 0) + 1
+        request = _request_of(batch_id)
+        count = self._counts[request] = self._counts.get(request, 0) + 1
         if count == self._after:
             self._kill(batch_id, "after", count)
 
@@ -240,6 +242,13 @@ class CrashPoint:
     def _kill(batch_id: str, when: str, write: int) -> None:
         log.warning("test_crash_point", batch_id=batch_id, when=when, write=write)
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _request_of(batch_id: str) -> str:
+    """The batch id of the request: a graph batch's groups (`<batch id>.<n>`) count as one, so the
+    crash points reach into every group of a request, in the order they run."""
+    stem, dot, ordinal = batch_id.rpartition(".")
+    return stem if dot and ordinal.isdigit() else batch_id
 
 
 def owner_digest(key: bytes | None, credentials: Sequence[str]) -> str | None:
