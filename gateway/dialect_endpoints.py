@@ -7,7 +7,7 @@ error shape with the gateway's status; only an unexpected failure (500) stays pr
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from urllib.parse import quote
@@ -23,6 +23,7 @@ from gateway.batch_endpoints import (
     outer_request,
     read_body,
     wants_atomic,
+    write_answer,
 )
 from gateway.batch_service import new_batch_id
 from gateway.config import CompositeEndpoint, GatewayConfig, GraphEndpoint
@@ -58,7 +59,7 @@ async def graph_batch_endpoint(request: web.Request) -> web.StreamResponse:
         return graph_error(request, exc)
 
 
-async def _serve_graph(request: web.Request, endpoint: GraphEndpoint) -> web.Response:
+async def _serve_graph(request: web.Request, endpoint: GraphEndpoint) -> web.StreamResponse:
     config = gateway_of(request).config
     _json_only(request, "Graph")
     atomic = wants_atomic(request, endpoint)
@@ -67,7 +68,7 @@ async def _serve_graph(request: web.Request, endpoint: GraphEndpoint) -> web.Res
     codec = GraphBatchCodec(limits)
     batch = codec.decode(await read_body(request, limits.max_body_bytes, "/"), site, atomic=atomic)
     async with running_graph(request, batch, GRAPH_KIND) as result:
-        return _answer(request, codec.encode(batch, result), result)
+        return await _answer(request, codec.encode_chunks(batch, result), result)
 
 
 def graph_error(request: web.Request, error: GatewayError) -> web.Response:
@@ -96,7 +97,7 @@ async def composite_batch_endpoint(request: web.Request) -> web.StreamResponse:
         return composite_error(request, exc)
 
 
-async def _serve_composite(request: web.Request, endpoint: CompositeEndpoint) -> web.Response:
+async def _serve_composite(request: web.Request, endpoint: CompositeEndpoint) -> web.StreamResponse:
     config = gateway_of(request).config
     _json_only(request, "composite")
     atomic = wants_atomic(request, endpoint)
@@ -104,7 +105,7 @@ async def _serve_composite(request: web.Request, endpoint: CompositeEndpoint) ->
     codec = CompositeBatchCodec(limits, prefix=api_prefix(endpoint.path))
     batch = codec.decode(await read_body(request, limits.max_body_bytes, "/"), atomic=atomic)
     async with running_graph(request, batch.graph, COMPOSITE_KIND) as result:
-        return _answer(request, codec.encode(batch, result), result)
+        return await _answer(request, codec.encode_chunks(batch, result), result)
 
 
 def composite_error(request: web.Request, error: GatewayError) -> web.Response:
@@ -184,8 +185,9 @@ def answer_headers(request: web.Request, content_type: str, result: GraphResult)
     return headers
 
 
-def _answer(request: web.Request, body: bytes, result: GraphResult) -> web.Response:
-    return web.Response(body=body, headers=answer_headers(request, JSON, result))
+async def _answer(request: web.Request, chunks: Iterator[bytes], result: GraphResult) -> web.StreamResponse:
+    """Written as it is encoded (chunked when over one chunk), while the batch's budget still holds."""
+    return await write_answer(request, chunks, JSON, answer_headers(request, JSON, result))
 
 
 def _error_response(request: web.Request, error: GatewayError, body: bytes) -> web.Response:

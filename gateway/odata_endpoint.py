@@ -7,7 +7,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from gateway.access_log import REJECTION
-from gateway.batch_endpoints import BATCH_ID_HEADER, outer_request, read_body
+from gateway.batch_endpoints import BATCH_ID_HEADER, outer_request, read_body, write_answer
 from gateway.config import GatewayConfig, ODataEndpoint
 from gateway.dialect_endpoints import answer_headers, running_graph
 from gateway.errors import ClientError, GatewayError, MethodRefused, UnsupportedMediaType
@@ -50,7 +50,7 @@ async def _serve(request: web.Request, endpoint: ODataEndpoint) -> web.StreamRes
         json_batch = json_codec.decode(body, root, continue_on_error=keep_going)
         _check_groups(json_batch.graph, endpoint)
         async with running_graph(request, json_batch.graph, KIND_NAME, _outer(request)) as result:
-            return _json_answer(request, json_batch, result, json_codec)
+            return await _json_answer(request, json_batch, result, json_codec)
     if media == "multipart/mixed":
         version = _version(request)
         request[_V2_KEY] = version == 2
@@ -117,14 +117,14 @@ def _outer(request: web.Request) -> OuterRequest:
     return outer
 
 
-def _json_answer(
+async def _json_answer(
     request: web.Request, batch: ODataJsonBatch, result: GraphResult, codec: ODataJsonCodec
-) -> web.Response:
+) -> web.StreamResponse:
     headers = answer_headers(request, "application/json", result)
     headers["OData-Version"] = "4.01"
     if "Prefer" in request.headers and continue_on_error(request.headers.getall("Prefer")) is not None:
         headers["Preference-Applied"] = f"continue-on-error={'true' if batch.continue_on_error else 'false'}"
-    return web.Response(body=codec.encode(batch, result), headers=headers)
+    return await write_answer(request, codec.encode_chunks(batch, result), "application/json", headers)
 
 
 def _multipart_answer(

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.errors import ClientError, ForbiddenTarget, HeadersTooLarge, MalformedBatch, PayloadTooLarge
+from gateway.formats._graph_answers import Base64Body, dump, iter_answer
 from gateway.formats.graph_batch import ATOMIC_GROUP, DEFAULT_LIMITS, GraphBatchCodec, GraphSite
 from gateway.graph_model import FailurePolicy, GraphBatch, GraphResult, Unmet
 from gateway.model import (
@@ -549,3 +550,34 @@ def test_random_documents_never_raise_anything_but_a_client_error(document: Any)
 def test_random_bytes_never_raise_anything_but_a_client_error(body: bytes) -> None:
     with contextlib.suppress(ClientError):
         CODEC.decode(body, SITE)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    sizes=st.lists(st.sampled_from([0, 1, 2, 3, 49151, 49152, 49153, 102401]), min_size=1, max_size=4),
+    urlsafe=st.booleans(),
+    text=st.text(max_size=20),
+)
+def test_an_answer_written_piece_by_piece_is_byte_for_byte_the_whole_document(
+    sizes: list[int], urlsafe: bool, text: str
+) -> None:
+    """iter_answer renders one response at a time and a Base64Body in 48 KiB slices (the dialect
+    endpoints write big answers so); joined, the chunks are exactly `dump` of the document built
+    whole, lone surrogates (U+FFFD) included."""
+    data = [bytes(range(256)) * (size // 256) + b"\xff" * (size % 256) for size in sizes]
+    responses = [{"id": str(n), "body": Base64Body(d, urlsafe=urlsafe), "note": text}
+                 for n, d in enumerate(data)]
+    responses.append({"id": "json", "body": {"a": [text, "\ud800"]}})
+
+    def whole(body: object) -> object:
+        if not isinstance(body, Base64Body):
+            return body
+        encoded = (base64.urlsafe_b64encode if urlsafe else base64.b64encode)(body.data).decode()
+        return encoded.rstrip("=") if urlsafe else encoded
+
+    chunks = list(iter_answer("responses", iter(responses)))
+    document = {"responses": [{k: whole(v) for k, v in r.items()} for r in responses]}
+    assert b"".join(chunks) == dump(document)
+    assert all(Base64Body(d, urlsafe=urlsafe).text() == whole(Base64Body(d, urlsafe=urlsafe)) for d in data)
+    if sum(sizes) > 70_000:
+        assert len(chunks) > 1

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from gateway.formats._strict_json import _MISSING, MAX_JSON_DEPTH, _loads, _nesting_depth, _NotJson
 from gateway.headers import without_hop_by_hop
@@ -180,9 +180,14 @@ def iter_document(root: ResultNode, tail: dict[str, object]) -> Iterator[bytes]:
 
     Only one item's encoding exists at a time, so an answer is never built twice in memory.
     """
+    return chunked(_iter_pieces(root, tail))
+
+
+def chunked(pieces: Iterable[str]) -> Iterator[bytes]:
+    """A document's text pieces as UTF-8 in ~64 KiB chunks (a big piece on its own, uncopied)."""
     pending: list[str] = []
     size = 0
-    for piece in _iter_pieces(root, tail):
+    for piece in pieces:
         if len(piece) >= _CHUNK:  # a big body: no extra copy through the pending buffer
             if pending:
                 yield _utf8("".join(pending))

@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from urllib.parse import quote
 
-from gateway.errors import ForbiddenTarget, HeadersTooLarge, MalformedBatch, PayloadTooLarge
+from gateway.errors import ForbiddenTarget, MalformedBatch, PayloadTooLarge
 from gateway.formats._graph_answers import (
     CONTROL,
     ITEM_STATUS_HEADER,
@@ -23,14 +23,16 @@ from gateway.formats._graph_answers import (
     dump,
     failed_groups,
     is_utf8,
+    iter_answer,
     joined_headers,
     json_or,
     member_status,
+    read_headers,
     rollback_note,
 )
 from gateway.formats._json_results import _content_type, _is_json_type, _json_body
 from gateway.formats._strict_json import _MISSING, MAX_JSON_DEPTH, ROOT, _child, _parse_document, _show
-from gateway.formats.json_batch import FORBIDDEN_IN_VALUES_PATTERN, FRAMING_HEADERS, TOKEN_PATTERN
+from gateway.formats.json_batch import TOKEN_PATTERN
 from gateway.graph_model import (
     AnsweredItem,
     FailurePolicy,
@@ -65,7 +67,6 @@ _PATH = re.compile(r"([A-Za-z0-9_]+)((?:\.[^.\[\]{}\s]+|\[[0-9]{1,9}\])+)")
 _STEP = re.compile(r"\.([^.\[\]{}\s]+)|\[([0-9]+)\]")
 _API_PREFIX = re.compile(r"/services/data/v[0-9]+\.[0-9]+")
 _TOKEN = re.compile(TOKEN_PATTERN)
-_FORBIDDEN_IN_VALUES = re.compile(FORBIDDEN_IN_VALUES_PATTERN)
 MAX_BODY_JSON_DEPTH = 128
 
 
@@ -124,11 +125,15 @@ class CompositeBatchCodec:
 
     def encode(self, batch: CompositeBatch, result: GraphResult) -> bytes:
         """`{"compositeResponse": [...]}` in the request's order."""
+        return b"".join(self.encode_chunks(batch, result))
+
+    def encode_chunks(self, batch: CompositeBatch, result: GraphResult) -> Iterator[bytes]:
+        """The same bytes as `encode`, one response at a time, in ~64 KiB chunks."""
         groups = failed_groups(batch.graph, result)
         group_of = {item.id: item.group for item in batch.graph.items}
-        return dump({"compositeResponse": [
+        return iter_answer("compositeResponse", (
             _response(ref, outcome, group_of.get(ref), groups) for ref, outcome in result.items
-        ]})
+        ))
 
 
 # --- decoding ----------------------------------------------------------------------------------
@@ -185,7 +190,10 @@ class _Reader:
         ref = self._reference_id(value.get("referenceId"), _child(where, "referenceId"))
         method = _method(value.get("method"), _child(where, "method"))
         url = self._url(value.get("url"), _child(where, "url"))
-        headers = _headers(value.get("httpHeaders"), _child(where, "httpHeaders"), self.limits)
+        headers = read_headers(
+            value.get("httpHeaders"), _child(where, "httpHeaders"), self.limits, key="httpHeaders",
+            lists=False,
+        )
         body_value = value.get("body")
         referenced = [*self._references_in(url, ref, _child(where, "url"))]
         for text, text_where in _strings(body_value, _child(where, "body")):
@@ -272,36 +280,6 @@ def _method(value: object, where: str) -> str:
         raise MalformedBatch(f'"method" must be an HTTP method such as "GET" or "POST"; got {_shown(value)}.',
                              where=where)
     return value.upper()
-
-
-def _headers(value: object, where: str, limits: BatchLimits) -> Headers:
-    if value is None:
-        return ()
-    if not isinstance(value, dict):
-        raise MalformedBatch(f'"httpHeaders" must be an object of header name to string; got {_show(value)}.',
-                             where=where)
-    pairs: list[tuple[str, str]] = []
-    for name, text in value.items():
-        header_where = _child(where, name)
-        if not _TOKEN.fullmatch(name):
-            raise MalformedBatch(f"Header name {_show(name)} is not an HTTP token.", where=header_where)
-        if name.lower() in FRAMING_HEADERS:
-            raise MalformedBatch(f"Header {name} is not allowed: the gateway frames the body itself.",
-                                 where=header_where)
-        if not isinstance(text, str):
-            raise MalformedBatch(f"Header {name} must be a string; got {_show(text)}.", where=header_where)
-        if _FORBIDDEN_IN_VALUES.search(text) or not is_utf8(text):
-            raise MalformedBatch(f"Header {name} must not contain CR, LF, NUL or unpaired surrogates.",
-                                 where=header_where)
-        pairs.append((name, text))
-    if len(pairs) > limits.max_part_headers:
-        raise HeadersTooLarge(f"Too many headers. Maximum number of headers is {limits.max_part_headers}.",
-                              where=where, limit="limits.max_part_headers")
-    size = sum(len(name) + len(text.encode("utf-8")) + 4 for name, text in pairs)
-    if size > limits.max_part_header_bytes:
-        raise HeadersTooLarge(f"Headers too large. Maximum size is {limits.max_part_header_bytes} bytes.",
-                              where=where, limit="limits.max_part_header_bytes")
-    return tuple(pairs)
 
 
 def _body(value: object, headers: Headers, where: str) -> tuple[bytes | None, Headers]:

@@ -11,12 +11,12 @@ JSON upstream body, else standard base64 (the Content-Type header says which), n
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from yarl import URL
 
-from gateway.errors import ForbiddenTarget, HeadersTooLarge, MalformedBatch, PayloadTooLarge
+from gateway.errors import ForbiddenTarget, MalformedBatch, PayloadTooLarge
 from gateway.formats._graph_answers import (
     CONTROL,
     ITEM_STATUS_HEADER,
@@ -27,14 +27,16 @@ from gateway.formats._graph_answers import (
     dump,
     failed_groups,
     is_utf8,
+    iter_answer,
     joined_headers,
     json_or,
     member_status,
+    read_headers,
     rollback_note,
 )
 from gateway.formats._json_results import _content_type, _is_json_type
 from gateway.formats._strict_json import MAX_JSON_DEPTH, ROOT, _child, _parse_document, _show
-from gateway.formats.json_batch import FORBIDDEN_IN_VALUES_PATTERN, FRAMING_HEADERS, TOKEN_PATTERN
+from gateway.formats.json_batch import TOKEN_PATTERN
 from gateway.graph_model import FailurePolicy, GraphBatch, GraphItem, GraphResult, Unmet
 from gateway.model import BatchLimits, CallFailure, Headers, ItemResult, Skipped, SubRequest
 
@@ -50,7 +52,6 @@ REQUEST_KEYS = ("id", "method", "url", "headers", "body", "dependsOn", "depends_
 MAX_BODY_JSON_DEPTH = 128
 MAX_ID_LENGTH = 256
 _TOKEN = re.compile(TOKEN_PATTERN)
-_FORBIDDEN_IN_VALUES = re.compile(FORBIDDEN_IN_VALUES_PATTERN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,11 +110,15 @@ class GraphBatchCodec:
 
     def encode(self, batch: GraphBatch, result: GraphResult) -> bytes:
         """`{"responses": [...]}` in the request's order, each with id, status, headers and body."""
+        return b"".join(self.encode_chunks(batch, result))
+
+    def encode_chunks(self, batch: GraphBatch, result: GraphResult) -> Iterator[bytes]:
+        """The same bytes as `encode`, one response at a time, in ~64 KiB chunks."""
         groups = failed_groups(batch, result)
         group_of = {item.id: item.group for item in batch.items}
-        return dump({"responses": [
+        return iter_answer("responses", (
             _response(item_id, outcome, group_of.get(item_id), groups) for item_id, outcome in result.items
-        ]})
+        ))
 
 
 # --- decoding ----------------------------------------------------------------------------------
@@ -170,7 +175,9 @@ class _Reader:
         depends_on = self._depends_on(value, item_id, where)
         method = _method(value.get("method"), _child(where, "method"))
         target = _target(value.get("url"), self.site, _child(where, "url"))
-        headers = _headers(value.get("headers"), _child(where, "headers"), self.limits)
+        headers = read_headers(
+            value.get("headers"), _child(where, "headers"), self.limits, key="headers", lists=True
+        )
         body, headers = _body(value.get("body"), headers, _child(where, "body"))
         self.earlier[item_id.casefold()] = item_id
         request = SubRequest(method, target, headers, body, where=where, content_id=item_id)
@@ -281,41 +288,6 @@ def _own_absolute(url: str, site: GraphSite, where: str) -> str:
         )
     path = path[len(site.root):] or "/"
     return path + (f"?{parsed.raw_query_string}" if parsed.raw_query_string else "")
-
-
-def _headers(value: object, where: str, limits: BatchLimits) -> Headers:
-    """name -> string (or list of strings: the header repeated)."""
-    if value is None:
-        return ()
-    if not isinstance(value, dict):
-        raise MalformedBatch(f'"headers" must be an object of header name to string; got {_show(value)}.',
-                             where=where)
-    pairs: list[tuple[str, str]] = []
-    for name, values in value.items():
-        header_where = _child(where, name)
-        if not _TOKEN.fullmatch(name):
-            raise MalformedBatch(f"Header name {_show(name)} is not an HTTP token.", where=header_where)
-        if name.lower() in FRAMING_HEADERS:
-            raise MalformedBatch(f"Header {name} is not allowed: the gateway frames the body itself.",
-                                 where=header_where)
-        listed = values if isinstance(values, list) else [values]
-        for n, text in enumerate(listed):
-            shown_where = _child(header_where, n) if isinstance(values, list) else header_where
-            if not isinstance(text, str):
-                raise MalformedBatch(f"Header {name} must be a string or a list of strings; "
-                                     f"got {_show(text)}.", where=shown_where)
-            if _FORBIDDEN_IN_VALUES.search(text) or not is_utf8(text):
-                raise MalformedBatch(f"Header {name} must not contain CR, LF, NUL or unpaired surrogates.",
-                                     where=shown_where)
-            pairs.append((name, text))
-    if len(pairs) > limits.max_part_headers:
-        raise HeadersTooLarge(f"Too many headers. Maximum number of headers is {limits.max_part_headers}.",
-                              where=where, limit="limits.max_part_headers")
-    size = sum(len(name) + len(text.encode("utf-8")) + 4 for name, text in pairs)
-    if size > limits.max_part_header_bytes:
-        raise HeadersTooLarge(f"Headers too large. Maximum size is {limits.max_part_header_bytes} bytes.",
-                              where=where, limit="limits.max_part_header_bytes")
-    return tuple(pairs)
 
 
 def _body(value: object, headers: Headers, where: str) -> tuple[bytes | None, Headers]:

@@ -8,9 +8,11 @@ import base64
 import binascii
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from gateway.errors import HeadersTooLarge, MalformedBatch, PayloadTooLarge
+from gateway.formats._graph_answers import Base64Body, iter_answer
 from gateway.formats._json_results import _content_type, _is_json_type, _json_body
 from gateway.formats._odata import (
     ServiceRoot,
@@ -102,12 +104,15 @@ class ODataJsonCodec:
     def encode(self, batch: ODataJsonBatch, result: GraphResult) -> bytes:
         """`{"responses": [...]}` in the request's order, each with id, status, lower-case headers,
         body and (for members of an atomicity group) `atomicityGroup`."""
+        return b"".join(self.encode_chunks(batch, result))
+
+    def encode_chunks(self, batch: ODataJsonBatch, result: GraphResult) -> Iterator[bytes]:
+        """The same bytes as `encode`, one response at a time, in ~64 KiB chunks."""
         failed_groups = _failed_groups(batch, result)
-        responses = [
+        return iter_answer("responses", (
             _response(item_id, outcome, batch.groups.get(item_id), failed_groups)
             for item_id, outcome in result.items
-        ]
-        return _dump({"responses": responses})
+        ))
 
 
 # --- decoding ----------------------------------------------------------------------------------
@@ -495,7 +500,7 @@ def _encoded_body(body: bytes, headers: Headers) -> object:
             return body.decode("utf-8")
         except UnicodeDecodeError:
             pass
-    return base64.urlsafe_b64encode(body).decode("ascii").rstrip("=")
+    return Base64Body(body, urlsafe=True)
 
 
 def _error(
