@@ -232,11 +232,11 @@ class DialectCrashRun(CrashRun):
         assert sent is not None, gateway.output()
         return before, records(self.legacy, self.ledger), sent
 
-    async def crash_with(
-        self, variable: str, n: int, request: Request,
-        before: list[dict[str, Any]], after: list[dict[str, Any]],
-    ) -> Ending | None:
-        """Run the request with a crash point; None when it completed (no Nth write)."""
+    async def killed_at(
+        self, variable: str, n: int, request: Request
+    ) -> tuple[GatewayProcess, dict[str, Any]] | None:
+        """Send the request to a gateway that SIGKILLs itself at the crash point (fresh upstream
+        state); its process and config, or None when the request completed (no Nth write)."""
         reset(self.legacy, self.keys)
         reset(self.ledger, self.keys)
         seed(self.legacy, self.ledger)
@@ -247,6 +247,17 @@ class DialectCrashRun(CrashRun):
             await gateway.stop()
             return None
         assert await gateway.wait() == -9, gateway.output()
+        return gateway, data
+
+    async def crash_with(
+        self, variable: str, n: int, request: Request,
+        before: list[dict[str, Any]], after: list[dict[str, Any]],
+    ) -> Ending | None:
+        """Run the request with a crash point; None when it completed (no Nth write)."""
+        killed = await self.killed_at(variable, n, request)
+        if killed is None:
+            return None
+        gateway, data = killed
         crashed = await read_batch(gateway.journal)  # what the killed process journaled
         journaled = () if crashed is None else check_resolved(request, crashed)
         report = await with_recovery(parse_config(data))
@@ -411,16 +422,10 @@ class GroupsEnding:
 async def crash_two_groups(
     run: DialectCrashRun, variable: str, n: int, before: list[dict[str, Any]], after: list[dict[str, Any]]
 ) -> GroupsEnding | None:
-    reset(run.legacy, run.keys)
-    reset(run.ledger, run.keys)
-    seed(run.legacy, run.ledger)
-    gateway, data = run._gateway()
-    gateway.env = {variable: str(n)}
-    await gateway.serve()
-    if await send(gateway.base, ODATA_TWO_GROUPS) is not None:
-        await gateway.stop()
+    killed = await run.killed_at(variable, n, ODATA_TWO_GROUPS)
+    if killed is None:
         return None
-    assert await gateway.wait() == -9, gateway.output()
+    gateway, data = killed
     crashed = await read_batches(gateway.journal)
     for batch in crashed.values():
         check_resolved(ODATA_TWO_GROUPS, batch)
