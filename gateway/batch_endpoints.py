@@ -152,15 +152,16 @@ async def run_batch(
 
 
 async def write_answer(
-    request: web.Request, chunks: Iterator[bytes], content_type: str, headers: dict[str, str]
+    request: web.Request, chunks: Iterator[bytes], content_type: str, headers: dict[str, str],
+    status: int = 200,
 ) -> web.StreamResponse:
     """A small answer goes out with Content-Length; a bigger one chunked, as it is encoded."""
     headers = {**headers, "Content-Type": content_type, REQUEST_ID_HEADER: request[REQUEST_ID]}
     first = next(chunks, b"")
     second = next(chunks, None)
     if second is None:
-        return web.Response(body=first, headers=headers)
-    response = web.StreamResponse(headers=headers)
+        return web.Response(status=status, body=first, headers=headers)
+    response = web.StreamResponse(status=status, headers=headers)
     response.enable_chunked_encoding()
     await response.prepare(request)
     try:

@@ -61,7 +61,7 @@ async def _serve(request: web.Request, endpoint: ODataEndpoint) -> web.StreamRes
         )
         _check_groups(batch.graph, endpoint)
         async with running_graph(request, batch.graph, KIND_NAME, _outer(request)) as result:
-            return _multipart_answer(request, batch, result, codec)
+            return await _multipart_answer(request, batch, result, codec)
     got = repr(media) if media else "no Content-Type"
     raise UnsupportedMediaType(
         f"an OData $batch is application/json (OData 4.01 JSON batch) or multipart/mixed, got {got}",
@@ -127,18 +127,19 @@ async def _json_answer(
     return await write_answer(request, codec.encode_chunks(batch, result), "application/json", headers)
 
 
-def _multipart_answer(
+async def _multipart_answer(
     request: web.Request, batch: ODataMultipartBatch, result: GraphResult, codec: ODataMultipartCodec
-) -> web.Response:
-    body, content_type = codec.encode(batch, result)
+) -> web.StreamResponse:
+    """Written as it is framed (the upstream bodies are never copied into one answer)."""
+    chunks, content_type = codec.encode_chunks(batch, result)
     headers = answer_headers(request, content_type, result)
     if batch.version == 2:
         headers["DataServiceVersion"] = "2.0"
-        return web.Response(status=202, body=body, headers=headers)
+        return await write_answer(request, chunks, content_type, headers, status=202)
     headers["OData-Version"] = "4.0"
     if batch.continue_on_error:
         headers["Preference-Applied"] = "continue-on-error"
-    return web.Response(body=body, headers=headers)
+    return await write_answer(request, chunks, content_type, headers)
 
 
 def error_response(request: web.Request, error: GatewayError) -> web.Response:

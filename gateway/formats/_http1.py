@@ -165,10 +165,15 @@ def _translate(exc: h11.ProtocolError, where: str) -> ClientError:
 
 def response_bytes(status: int, reason: str, headers: Headers, body: bytes) -> bytes:
     """A whole HTTP/1.1 response: status line, forwardable headers, Content-Length, body."""
+    return b"".join(response_pieces(status, reason, headers, body))
+
+
+def response_pieces(status: int, reason: str, headers: Headers, body: bytes) -> tuple[bytes, bytes]:
+    """`response_bytes` as (head, body), the body not copied."""
     lines = [f"HTTP/1.1 {status} {one_line(safe_reason(status, reason) or _phrase(status))}"]
     lines += [f"{name}: {one_line(value)}" for name, value in forwardable(headers)]
     lines.append(f"Content-Length: {len(body)}")
-    return header_block(lines) + body
+    return header_block(lines), body
 
 
 def header_block(lines: list[str]) -> bytes:

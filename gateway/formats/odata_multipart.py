@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from gateway.errors import ClientError, MalformedBatch, PayloadTooLarge, UnsupportedMediaType
-from gateway.formats._http1 import HeadLimits, header_block, one_line, parse_request, response_bytes
+from gateway.formats._http1 import HeadLimits, header_block, one_line, parse_request, response_pieces
 from gateway.formats._json_results import _json_body
 from gateway.formats._odata import (
     ETAG_HEADERS,
@@ -51,6 +51,9 @@ _TRANSFER_ENCODINGS = frozenset({"binary", "7bit", "8bit"})
 _DROPPED_REQUEST_HEADERS = frozenset({"host", "content-id"})
 """The embedded request's Host names the service (the gateway routes by path); a Content-ID there
 (where V2/V3 clients sometimes put it) is the part's, not a header to forward."""
+
+Part = tuple[bytes, ...]
+"""A part of the answer as pieces whose concatenation is its bytes (an upstream body one of them)."""
 
 
 def odata_version(
@@ -131,10 +134,18 @@ class ODataMultipartCodec:
         """The multipart/mixed answer and its Content-Type: one part per request part, in order; a
         change set as a nested multipart, or as ONE error part when it failed. V4 without
         continue-on-error ends with the part that failed (what was not processed is left out)."""
+        chunks, content_type = self.encode_chunks(batch, result)
+        return b"".join(chunks), content_type
+
+    def encode_chunks(
+        self, batch: ODataMultipartBatch, result: GraphResult
+    ) -> tuple[Iterator[bytes], str]:
+        """`encode` in ~64 KiB chunks: every part is made of pieces that refer to the upstream
+        bodies (never copied), the boundary is checked against all of them, then they are framed."""
         by_id = dict(result.items)
         outcomes = dict(result.groups)
         v2 = batch.version == 2
-        parts: list[bytes] = []
+        parts: list[Part] = []
         for entry in batch.entries:
             if all(_not_processed(by_id.get(item_id)) for item_id in entry.ids):
                 break
@@ -146,7 +157,7 @@ class ODataMultipartCodec:
             if failed and not batch.continue_on_error:
                 break
         boundary = _boundary_for(parts, "batchresponse_")
-        return _framed(parts, boundary), f"multipart/mixed; boundary={boundary}"
+        return _coalesced(_framed(parts, boundary)), f"multipart/mixed; boundary={boundary}"
 
 
 # --- decoding ----------------------------------------------------------------------------------
@@ -370,14 +381,14 @@ def _failed(outcome: ItemResult | Unmet | None) -> bool:
     return True
 
 
-def _single_part(entry: Entry, by_id: dict[str, ItemResult | Unmet], v2: bool) -> tuple[bytes, bool]:
+def _single_part(entry: Entry, by_id: dict[str, ItemResult | Unmet], v2: bool) -> tuple[Part, bool]:
     outcome = by_id.get(entry.ids[0])
     return _part(_http_answer(outcome, v2), entry.content_ids[0]), _failed(outcome)
 
 
 def _changeset_part(
     entry: Entry, by_id: dict[str, ItemResult | Unmet], outcome: BatchOutcome | None, v2: bool
-) -> tuple[bytes, bool]:
+) -> tuple[Part, bool]:
     results = [by_id.get(item_id) for item_id in entry.ids]
     culprit = next((n for n, result in enumerate(results) if _failed(result)), None)
     undone = any(isinstance(r, ItemResult) and r.rollback in _UNDONE for r in results)
@@ -385,7 +396,7 @@ def _changeset_part(
         inner = [_part(_http_answer(r, v2), cid) for r, cid in zip(results, entry.content_ids, strict=True)]
         boundary = _boundary_for(inner, "changesetresponse_")
         head = header_block([f"Content-Type: multipart/mixed; boundary={boundary}"])
-        return head + _framed(inner, boundary), False
+        return (head, *_framed(inner, boundary)), False
     return _changeset_error(entry, results, culprit, outcome, v2), True
 
 
@@ -395,7 +406,7 @@ def _changeset_error(
     culprit: int | None,
     outcome: BatchOutcome | None,
     v2: bool,
-) -> bytes:
+) -> Part:
     """The ONE part a failed change set answers with: an OData error with the failing request's
     status, saying what failed and what became of the others."""
     incomplete = outcome is BatchOutcome.ROLLBACK_INCOMPLETE or any(
@@ -416,7 +427,7 @@ def _changeset_error(
     if inner is not None:
         document["error"]["innererror"] = inner
     body = json.dumps(document, ensure_ascii=False).encode("utf-8", "replace")
-    http = response_bytes(status, "", (("Content-Type", "application/json"),), body)
+    http = response_pieces(status, "", (("Content-Type", "application/json"),), body)
     state = BatchOutcome.ROLLBACK_INCOMPLETE if incomplete else BatchOutcome.ROLLED_BACK
     return _part(http, content_id, (f"X-Batch-Outcome: {state.value}",))
 
@@ -441,11 +452,11 @@ def _failure_facts(failing: ItemResult | Unmet | None) -> tuple[int, str, object
     return outcome.status, f"the upstream answered {outcome.status}", inner
 
 
-def _http_answer(outcome: ItemResult | Unmet | None, v2: bool) -> bytes:
+def _http_answer(outcome: ItemResult | Unmet | None, v2: bool) -> Part:
     if isinstance(outcome, ItemResult):
         result = outcome.outcome
         if isinstance(result, SubResponse):
-            return response_bytes(result.status, result.reason, result.headers, result.body)
+            return response_pieces(result.status, result.reason, result.headers, result.body)
         if isinstance(result, CallFailure):
             return _error_response(result.status, result.reason, v2)
         return _error_response(424, result.reason, v2)
@@ -456,27 +467,56 @@ def _http_answer(outcome: ItemResult | Unmet | None, v2: bool) -> bytes:
     return _error_response(424, "not executed", v2)
 
 
-def _error_response(status: int, message: str, v2: bool, *, code: str | None = None) -> bytes:
+def _error_response(status: int, message: str, v2: bool, *, code: str | None = None) -> Part:
     body = error_document(code or error_code(status), message, v2=v2)
-    return response_bytes(status, "", (("Content-Type", "application/json"),), body)
+    return response_pieces(status, "", (("Content-Type", "application/json"),), body)
 
 
-def _part(http: bytes, content_id: str | None, extra: Iterable[str] = ()) -> bytes:
+def _part(http: Part, content_id: str | None, extra: Iterable[str] = ()) -> Part:
     lines = ["Content-Type: application/http", "Content-Transfer-Encoding: binary"]
     if content_id is not None:
         lines.append(f"Content-ID: {one_line(content_id)}")
     lines += extra
-    return header_block(lines) + http
+    return (header_block(lines), *http)
 
 
-def _boundary_for(parts: list[bytes], prefix: str) -> str:
+def _boundary_for(parts: list[Part], prefix: str) -> str:
+    """A boundary whose delimiter occurs in no piece (a piece of headers ends with CRLF CRLF, so
+    the delimiter cannot straddle two pieces)."""
     while True:
         boundary = prefix + secrets.token_hex(16)
         marker = b"--" + boundary.encode("ascii")
-        if not any(marker in part for part in parts):
+        if not any(marker in piece for part in parts for piece in part):
             return boundary
 
 
-def _framed(parts: list[bytes], boundary: str) -> bytes:
+def _framed(parts: list[Part], boundary: str) -> Part:
     dash = b"--" + boundary.encode("ascii")
-    return b"".join(dash + b"\r\n" + part + b"\r\n" for part in parts) + dash + b"--\r\n"
+    framed: list[bytes] = []
+    for part in parts:
+        framed += (dash + b"\r\n", *part, b"\r\n")
+    framed.append(dash + b"--\r\n")
+    return tuple(framed)
+
+
+_CHUNK = 64 * 1024
+
+
+def _coalesced(pieces: Part) -> Iterator[bytes]:
+    """Small pieces joined up to ~64 KiB; a big one (an upstream body) goes out on its own, uncopied."""
+    pending: list[bytes] = []
+    size = 0
+    for piece in pieces:
+        if len(piece) >= _CHUNK:
+            if pending:
+                yield b"".join(pending)
+                pending, size = [], 0
+            yield piece
+            continue
+        pending.append(piece)
+        size += len(piece)
+        if size >= _CHUNK:
+            yield b"".join(pending)
+            pending, size = [], 0
+    if pending:
+        yield b"".join(pending)
